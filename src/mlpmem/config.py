@@ -1,0 +1,214 @@
+"""Typed, validated configs for every stage; YAML in and out; CLI flags derived from the same fields.
+
+Each stage has one pydantic model. Field names are the YAML keys and the CLI flags (``--max-steps`` or
+``--max_steps``); descriptions are the ``--help`` text. Validation problems are all reported at once, each
+naming its flag, as one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mlpmem.errors import UsageError
+
+Device = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    run_dir: Path = Field(Path("runs/default"), description="run directory; one sub-folder per stage")
+
+
+class PrepareConfig(StageConfig):
+    corpus: str = Field(
+        "wikitext-2-slice",
+        description="corpus: 'wikitext-2-slice' (bundled), 'wikitext-2' (full, from shared/data), a UTF-8 "
+        "text file or directory of them, or 'hf:NAME[:CONFIG]' (Hugging Face datasets)",
+    )
+    tokenizer: str | None = Field(None, description="tokenizer of the base model (HF id or path)")
+    train_tokenizer: int | None = Field(
+        None, ge=260, description="train a byte-level BPE with this vocabulary size instead"
+    )
+    valid_fraction: float = Field(0.05, gt=0, lt=0.5, description="share carved for valid when the source has no split")
+    test_fraction: float = Field(0.05, gt=0, lt=0.5, description="share carved for test when the source has no split")
+    text_column: str = Field("text", description="column holding the text in a Hugging Face dataset")
+
+    @model_validator(mode="after")
+    def _one_tokenizer(self) -> PrepareConfig:
+        if (self.tokenizer is None) == (self.train_tokenizer is None):
+            raise ValueError("give exactly one of --tokenizer NAME_OR_PATH or --train-tokenizer VOCAB_SIZE")
+        return self
+
+
+class TrainLMConfig(StageConfig):
+    model: str | None = Field(None, description="HF id or path of a causal LM to continue training; none: GPT-2 from scratch")
+    n_layer: int = Field(4, ge=1, description="layers of a from-scratch GPT-2")
+    n_head: int = Field(4, ge=1, description="attention heads of a from-scratch GPT-2")
+    n_embd: int = Field(256, ge=8, description="width of a from-scratch GPT-2")
+    context: int = Field(256, ge=8, description="training window in tokens (positions of a from-scratch GPT-2)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout of a from-scratch GPT-2")
+    batch_size: int = Field(16, ge=1, description="windows per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_steps: int = Field(1000, ge=1, description="optimizer steps")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a share of the peak (linear decay)")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="max gradient norm")
+    eval_interval: int = Field(200, ge=1, description="steps between validation runs and checkpoints")
+    eval_batches: int = Field(20, ge=1, description="validation micro-batches per validation run")
+    seed: int = Field(0, description="random seed")
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    dtype: DType = Field("auto", description="autocast dtype: auto = bfloat16 on GPU, float32 on CPU")
+
+
+class EvaluateConfig(StageConfig):
+    model: str | None = Field(None, description="HF id or path of the LM; default: the run's trained LM")
+    corpus: str | None = Field(None, description="corpus to evaluate on instead of the run's prepared splits")
+    splits: list[Literal["valid", "test"]] = Field(["valid", "test"], description="splits to score")
+    context: int | None = Field(None, ge=2, description="window length in tokens; default: the model's positions")
+    stride: int | None = Field(None, ge=1, description="new tokens scored per window; default: context // 2")
+    batch_size: int = Field(8, ge=1, description="windows per forward pass")
+    max_tokens: int | None = Field(None, ge=2, description="score only the first N tokens of each split")
+    knn: bool = Field(True, description="also evaluate kNN-LM when the run has a datastore and index")
+    memory: bool = Field(True, description="also evaluate the MLP memory when the run has one")
+    k: int = Field(256, ge=1, description="neighbours retrieved per token for kNN-LM")
+    nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
+    rerank: bool = Field(False, description="re-rank IVF-PQ neighbours with exact distances from stored keys")
+    knn_temperatures: list[float] = Field([1.0, 2.0, 5.0, 10.0, 20.0, 50.0], description="T grid tuned on valid")
+    lmbdas: list[float] = Field(
+        [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], description="λ grid tuned on valid"
+    )
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+
+
+class DatastoreConfig(StageConfig):
+    split: Literal["train", "valid", "test"] = Field("train", description="split whose keys are stored")
+    context: int | None = Field(None, ge=2, description="window length; default: the LM's positions")
+    stride: int | None = Field(None, ge=1, description="new keys per window; default: context // 2")
+    batch_size: int = Field(8, ge=1, description="windows per forward pass")
+    key_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of stored keys")
+    key_layer: str | None = Field(None, description="module path whose output is the key; default: found per family")
+    chunk_windows: int = Field(256, ge=1, description="windows per resumable chunk")
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+
+
+class IndexConfig(StageConfig):
+    factory: str | None = Field(None, description="FAISS factory string (e.g. 'IVF1024,PQ32'); default: from size")
+    flat_threshold: int = Field(200_000, ge=1, description="below this many keys the index is exact (Flat)")
+    nprobe: int | None = Field(None, ge=1, description="IVF lists searched by default; stored with the index")
+    train_size: int = Field(262_144, ge=1, description="keys sampled to train the quantizers")
+    add_chunk: int = Field(262_144, ge=1, description="keys added per chunk")
+    use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="use faiss GPU when installed")
+    seed: int = Field(0, description="sampling seed")
+
+
+class TargetsConfig(StageConfig):
+    k: int = Field(64, ge=1, description="neighbours per entry (self excluded)")
+    knn_temperature: float = Field(10.0, gt=0, description="T in softmax(-d/T) over squared L2 distances")
+    width: int = Field(128, ge=1, description="max distinct tokens kept per entry (m)")
+    nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
+    chunk_size: int = Field(16_384, ge=1, description="queries per resumable chunk")
+
+
+class TrainMemoryConfig(StageConfig):
+    mode: Literal["offline", "online"] = Field("offline", description="keys from the datastore, or recomputed by the LM")
+    n_blocks: int = Field(4, ge=1, description="residual FFN blocks")
+    hidden_size: int | None = Field(None, ge=8, description="memory width; default: the key width")
+    ffn: Literal["gelu", "swiglu"] = Field("gelu", description="block type: GELU 4x (GPT-2 style) or SwiGLU")
+    init_head_from_lm: bool = Field(True, description="initialise the vocab head from the LM's output embedding")
+    alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha*KL(p_kNN||p_mem) + (1-alpha)*CE(gold)")
+    batch_size: int = Field(1024, ge=1, description="keys per step")
+    epochs: float = Field(2.0, gt=0, description="passes over the datastore")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW)")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a share of the peak")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="max gradient norm")
+    eval_interval: int = Field(500, ge=1, description="steps between validation runs and checkpoints")
+    valid_size: int = Field(8192, ge=0, description="held-out datastore entries for validation loss")
+    lmbda: float = Field(0.25, ge=0, le=1, description="default mixing weight saved with the memory")
+    seed: int = Field(0, description="random seed")
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    dtype: DType = Field("auto", description="autocast dtype: auto = bfloat16 on GPU, float32 on CPU")
+
+
+STAGES: dict[str, type[StageConfig]] = {
+    "prepare": PrepareConfig,
+    "train-lm": TrainLMConfig,
+    "datastore": DatastoreConfig,
+    "index": IndexConfig,
+    "targets": TargetsConfig,
+    "train-memory": TrainMemoryConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+class RunConfig(BaseModel):
+    """A whole pipeline: ``run_dir``, the stages to run in order, and one section per stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: Path = Field(Path("runs/default"), description="run directory shared by every stage")
+    stages: list[Literal["prepare", "train-lm", "datastore", "index", "targets", "train-memory", "evaluate"]]
+    prepare: dict[str, Any] = Field(default_factory=dict)
+    train_lm: dict[str, Any] = Field(default_factory=dict)
+    datastore: dict[str, Any] = Field(default_factory=dict)
+    index: dict[str, Any] = Field(default_factory=dict)
+    targets: dict[str, Any] = Field(default_factory=dict)
+    train_memory: dict[str, Any] = Field(default_factory=dict)
+    evaluate: dict[str, Any] = Field(default_factory=dict)
+
+    def stage_config(self, stage: str) -> StageConfig:
+        """The typed config of one stage, with the shared run_dir."""
+        section = dict(getattr(self, stage.replace("-", "_")))
+        section.setdefault("run_dir", self.run_dir)
+        return validate(STAGES[stage], section, prefix=stage.replace("-", "_") + ".")
+
+
+def describe_errors(err: ValidationError, prefix: str = "") -> str:
+    """All problems of a ValidationError on one line, each naming its flag / YAML key."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see --help)"
+        parts.append(f"--{prefix}{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def validate(cls: type[BaseModel], data: dict[str, Any], prefix: str = "") -> Any:
+    """Build ``cls`` from ``data`` or raise UsageError listing every problem."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise UsageError(f"invalid config: {describe_errors(err, prefix)}") from None
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from a file, or UsageError."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def to_yaml(config: BaseModel) -> str:
+    """YAML text that ``validate`` turns back into an equal config."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""mlpmem.evaluate"""
