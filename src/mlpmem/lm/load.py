@@ -1,0 +1,63 @@
+"""Load a causal LM (HF id or path, or a run's trained LM) with a one-line error for a bad name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from mlpmem.artifacts import fingerprint_obj, fingerprint_path, require_stage
+from mlpmem.errors import UsageError
+
+
+def run_lm_dir(run_dir: Path) -> Path:
+    """The model folder written by ``mlpmem train-lm`` in a run."""
+    require_stage(run_dir, "lm", f"mlpmem train-lm --run-dir {run_dir}")
+    return Path(run_dir) / "lm" / "model"
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).exists()
+
+
+def model_fingerprint(name_or_path: str | Path) -> str:
+    """Identity of a model: content hash of a local folder, else the hub id."""
+    path = Path(name_or_path).expanduser()
+    return fingerprint_path(path) if path.exists() else fingerprint_obj({"hub_id": str(name_or_path)})
+
+
+def load_lm(name_or_path: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """An HF causal LM in eval mode on ``device``; UsageError naming the model if it cannot be loaded."""
+    name = str(name_or_path)
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise UsageError(f"model path not found: {name}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load model {name!r} (not a local model folder or a reachable HF id): {first}") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """An HF tokenizer; UsageError naming it if it cannot be loaded."""
+    name = str(name_or_path)
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise UsageError(f"tokenizer path not found: {name}")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load tokenizer {name!r}: {first}") from None
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """The longest context the model's positions allow (None when unbounded / unknown)."""
+    cfg = model.config
+    for attr in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
