@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random-init models and tiny run directories (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from mlpmem.artifacts import Stage, fingerprint_obj
+from mlpmem.lm.load import model_fingerprint
+
+TINY_VOCAB = 96
+
+
+def tiny_gpt2(vocab_size: int = TINY_VOCAB, n_positions: int = 64, seed: int = 0) -> GPT2LMHeadModel:
+    """A 2-layer, 32-wide random-init GPT-2 in eval mode."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def make_tiny_run(run_dir: Path, n_train: int = 3000, n_eval: int = 600, seed: int = 0) -> Path:
+    """A run directory with complete 'prepare' (random token splits) and 'lm' (tiny GPT-2) stages.
+
+    Tokens follow a noisy repeating pattern so that neighbours carry signal.
+    """
+    rng = np.random.default_rng(seed)
+    prepare = Stage(run_dir, "prepare")
+    prepare.begin({"corpus": "synthetic", "seed": seed}, {})
+    for split, n in (("train", n_train), ("valid", n_eval), ("test", n_eval)):
+        base = np.tile(np.arange(TINY_VOCAB // 3), n // (TINY_VOCAB // 3) + 1)[:n]
+        noise = rng.integers(0, TINY_VOCAB, n)
+        tokens = np.where(rng.random(n) < 0.2, noise, base).astype(np.uint16)
+        arr = prepare.add_array(split, "uint16", (n,))
+        arr[:] = tokens
+        arr.flush()
+    tok_fp = fingerprint_obj({"synthetic_tokenizer": TINY_VOCAB})
+    prepare.complete({"vocab_size": TINY_VOCAB}, tokenizer_fingerprint=tok_fp, vocab_size=TINY_VOCAB)
+
+    lm = Stage(run_dir, "lm")
+    lm.begin({"synthetic": True}, {"prepare": prepare.manifest["fingerprint"]})
+    model_dir = lm.dir / "model"
+    tiny_gpt2(seed=seed).save_pretrained(model_dir)
+    lm.complete({}, model_fingerprint=model_fingerprint(model_dir), tokenizer_fingerprint=tok_fp, context=64)
+    return run_dir
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path) -> Path:
+    return make_tiny_run(tmp_path / "run")
