@@ -1,8 +1,10 @@
 """The sliding-window protocol shared by evaluation and datastore extraction.
 
 Position p predicts token p + 1. Windows of ``context`` tokens advance by ``stride``; each window scores only
-the positions no earlier window scored, so every position is scored exactly once and (past the first window)
-sees at least ``context - stride`` tokens, itself included.
+the positions no earlier window scored (Hugging Face's perplexity protocol). With stride < context every
+position is scored exactly once and, past the first window, sees at least ``context - stride`` tokens (itself
+included); with stride == context the windows are disjoint and the last position of each window, whose next
+token starts the following window, is not scored.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     if n_tokens < 2:
         raise UsageError(f"need at least 2 tokens to score, got {n_tokens}")
     windows, begin, next_pos = [], 0, 0
-    while next_pos < n_tokens - 1:
+    while True:
         end = min(begin + context, n_tokens)
-        windows.append(Window(begin, end, next_pos))
+        windows.append(Window(begin, end, max(next_pos, begin)))
+        if end == n_tokens:
+            return windows
         next_pos = end - 1
         begin += stride
-    return windows
