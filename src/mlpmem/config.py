@@ -182,7 +182,7 @@ def describe_errors(err: ValidationError, prefix: str = "") -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see --help)"
-        parts.append(f"--{prefix}{loc}: {msg}" if loc else msg)
+        parts.append(f"--{prefix}{loc.replace('_', '-')}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
