@@ -1,0 +1,195 @@
+"""The MLP memory: keys of the frozen base LM in, next-token logits out (DESIGN.md §1.4).
+
+input projection (only when the key width differs from the memory width) → ``n_blocks`` residual pre-norm
+blocks ``x + FFN(LayerNorm(x))`` → final LayerNorm → vocab head (no bias). A Hugging Face ``PreTrainedModel``:
+``save_pretrained`` writes safetensors and a config that carries everything loading and pairing need (key
+width, base-model and tokenizer fingerprints, key layer, default λ, the kNN temperature of its targets, α).
+
+    from mlpmem.memory.model import MLPMemory
+    memory = MLPMemory.from_pretrained("runs/demo/memory/model")
+    logits = memory(keys)  # keys [B, d] or [B, T, d] -> [B, V] or [B, T, V]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from mlpmem.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+FFN_TYPES = ("gelu", "swiglu")
+
+
+def ffn_width(hidden_size: int, ffn: str) -> int:
+    """Inner width of a block: 4h for GELU; 8h/3 (rounded up to a multiple of 8) for SwiGLU, so both have ~8h² weights."""
+    if ffn == "gelu":
+        return 4 * hidden_size
+    return 8 * math.ceil(8 * hidden_size / 3 / 8)
+
+
+class MLPMemoryConfig(PretrainedConfig):
+    """Shape of an MLP memory and the identity of the base LM whose keys it reads."""
+
+    model_type = "mlp-memory"
+
+    def __init__(
+        self,
+        input_dim: int = 768,
+        hidden_size: int = 768,
+        n_blocks: int = 4,
+        ffn: str = "gelu",
+        intermediate_size: int | None = None,
+        vocab_size: int = 50257,
+        layer_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        base_model_fingerprint: str | None = None,
+        tokenizer_fingerprint: str | None = None,
+        key_layer: str | None = None,
+        lmbda: float = 0.25,
+        knn_temperature: float | None = None,
+        alpha: float = 0.5,
+        **kwargs,
+    ):
+        if ffn not in FFN_TYPES:
+            raise UsageError(f"ffn must be one of {', '.join(FFN_TYPES)}, got {ffn!r}")
+        self.input_dim = input_dim  # width of the keys (the base LM's hidden size)
+        self.hidden_size = hidden_size
+        self.n_blocks = n_blocks
+        self.ffn = ffn
+        self.intermediate_size = intermediate_size or ffn_width(hidden_size, ffn)
+        self.vocab_size = vocab_size
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.base_model_fingerprint = base_model_fingerprint
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.key_layer = key_layer  # module path of the base LM whose output is the key
+        self.lmbda = lmbda  # default mixing weight of the memory at inference
+        self.knn_temperature = knn_temperature  # T of the p_kNN targets it was trained on
+        self.alpha = alpha  # KL share of the training loss
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+
+class GeluFFN(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.up = nn.Linear(hidden, inner)
+        self.down = nn.Linear(inner, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.gelu(self.up(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate = nn.Linear(hidden, inner, bias=False)
+        self.up = nn.Linear(hidden, inner, bias=False)
+        self.down = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """x + FFN(LayerNorm(x))."""
+
+    def __init__(self, config: MLPMemoryConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        ffn = GeluFFN if config.ffn == "gelu" else SwiGLUFFN
+        self.ffn = ffn(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ffn(self.norm(x))
+
+
+class MLPMemory(PreTrainedModel):
+    """keys [..., input_dim] -> logits [..., vocab_size]."""
+
+    config_class = MLPMemoryConfig
+    base_model_prefix = "memory"
+    main_input_name = "keys"
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: MLPMemoryConfig):
+        super().__init__(config)
+        self.proj = nn.Linear(config.input_dim, config.hidden_size) if config.input_dim != config.hidden_size else None
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_blocks))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, keys: torch.Tensor) -> torch.Tensor:
+        """keys [B, d] or [B, T, d] -> logits [B, V] or [B, T, V]."""
+        if keys.shape[-1] != self.config.input_dim:
+            raise UsageError(f"memory expects keys of width {self.config.input_dim}, got {keys.shape[-1]}")
+        x = keys.to(self.head.weight.dtype) if not torch.is_autocast_enabled(keys.device.type) else keys
+        if self.proj is not None:
+            x = self.proj(x)  # [..., h]
+        for block in self.blocks:
+            x = block(x)  # [..., h]
+        return self.head(self.norm(x))  # [..., V]
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.head
+
+    def init_head_from(self, embedding_weight: torch.Tensor) -> bool:
+        """Copy an LM's output embedding [V, h] into the head when the shapes match; returns whether it did."""
+        if tuple(embedding_weight.shape) != tuple(self.head.weight.shape):
+            log.warning(
+                "vocab head not initialised from the LM: its output embedding is %s, the head is %s",
+                tuple(embedding_weight.shape), tuple(self.head.weight.shape),
+            )
+            return False
+        with torch.no_grad():
+            self.head.weight.copy_(embedding_weight.detach().to(self.head.weight))
+        return True
+
+
+def check_pairing(
+    memory_config: MLPMemoryConfig, model_fingerprint: str, key_layer: str, key_dim: int | None = None
+) -> None:
+    """UsageError (one line) when a memory is paired with another base LM, key layer or key width."""
+    if memory_config.base_model_fingerprint != model_fingerprint:
+        raise UsageError(
+            f"this memory was trained on keys of base model {memory_config.base_model_fingerprint}, "
+            f"not {model_fingerprint}; train a memory for this model (mlpmem train-memory)"
+        )
+    if memory_config.key_layer != key_layer:
+        raise UsageError(
+            f"this memory reads keys from {memory_config.key_layer!r}, not {key_layer!r}; use the same --key-layer"
+        )
+    if key_dim is not None and memory_config.input_dim != key_dim:
+        raise UsageError(f"this memory reads keys of width {memory_config.input_dim}, not {key_dim}")
+
+
+def load_memory(path_or_run_dir: str | Path, device: torch.device | str = "cpu") -> MLPMemory:
+    """A trained memory in eval mode from RUN_DIR, RUN_DIR/memory, RUN_DIR/memory/model or any save_pretrained folder."""
+    path = Path(path_or_run_dir).expanduser()
+    for folder in (path / "memory" / "model", path / "model", path):
+        if (folder / "config.json").is_file():
+            break
+    else:
+        raise UsageError(f"no MLP memory at {path} (expected RUN_DIR/memory/model); run `mlpmem train-memory` first")
+    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type != MLPMemoryConfig.model_type:
+        raise UsageError(f"{folder} holds a {model_type!r} model, not an MLP memory")
+    return MLPMemory.from_pretrained(folder).to(device).eval()
+
+
+def register_auto() -> None:
+    """Make AutoConfig / AutoModel load 'mlp-memory' folders."""
+    AutoConfig.register(MLPMemoryConfig.model_type, MLPMemoryConfig, exist_ok=True)
+    AutoModel.register(MLPMemoryConfig, MLPMemory, exist_ok=True)
+
+
+register_auto()
