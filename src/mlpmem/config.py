@@ -67,7 +67,7 @@ class TrainLMConfig(StageConfig):
     eval_batches: int = Field(20, ge=1, description="validation micro-batches per validation run")
     seed: int = Field(0, description="random seed")
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
-    dtype: DType = Field("auto", description="autocast dtype: auto = bfloat16 on GPU, float32 on CPU")
+    dtype: DType = Field("auto", description="autocast dtype: auto = bfloat16 on GPU and on CPUs with native bf16, else float32")
 
 
 class EvaluateConfig(StageConfig):
@@ -138,7 +138,7 @@ class TrainMemoryConfig(StageConfig):
     lmbda: float = Field(0.25, ge=0, le=1, description="default mixing weight saved with the memory")
     seed: int = Field(0, description="random seed")
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
-    dtype: DType = Field("auto", description="autocast dtype: auto = bfloat16 on GPU, float32 on CPU")
+    dtype: DType = Field("auto", description="autocast dtype: auto = bfloat16 on GPU and on CPUs with native bf16, else float32")
 
 
 STAGES: dict[str, type[StageConfig]] = {

@@ -24,7 +24,7 @@ from mlpmem.artifacts import Stage, atomic_write_json, read_json
 from mlpmem.config import TrainLMConfig
 from mlpmem.data.prepare import vocab_fingerprint
 from mlpmem.data.tokens import open_split, tokenizer_dir
-from mlpmem.devices import resolve_device
+from mlpmem.devices import resolve_device, resolve_dtype
 from mlpmem.errors import UsageError
 from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, model_fingerprint
 
@@ -141,8 +141,8 @@ def train_lm(config: TrainLMConfig) -> dict:
     if status == "complete":
         return stage.manifest
     device = resolve_device(config.device)
-    precision = {"auto": "bf16" if device.type == "cuda" else "no", "float32": "no", "bfloat16": "bf16", "float16": "fp16"}
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision[config.dtype])
+    precision = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_dtype(config.dtype, device)]
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
     train, valid = open_split(config.run_dir, "train"), open_split(config.run_dir, "valid")
     if len(train) <= config.context + 1:
         raise UsageError(f"the train split has {len(train)} tokens, fewer than --context {config.context} + 2")
