@@ -24,7 +24,7 @@ from mlpmem.errors import UsageError
 from mlpmem.evaluate.report import format_table, plot_lambda_curves
 from mlpmem.evaluate.scoring import knn_log_prob, memory_log_prob, score_tokens
 from mlpmem.evaluate.tune import mixed_perplexity, perplexity, tune_lambda, tune_pair
-from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, model_fingerprint, run_lm_dir
+from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, model_fingerprint, require_model, run_lm_dir
 
 
 def complete_manifest(run_dir: Path, stage: str) -> dict | None:
@@ -43,7 +43,7 @@ def git_commit() -> str | None:
 def resolve_sources(config: EvaluateConfig) -> tuple[str, str, str, dict[str, np.ndarray]]:
     """(model path or id, model fingerprint, tokenizer fingerprint, tokens per split)."""
     if config.model is not None:
-        model_path, model_fp = config.model, model_fingerprint(config.model)
+        model_path, model_fp = require_model(config.model), model_fingerprint(config.model)
     else:
         model_path = str(run_lm_dir(config.run_dir))
         model_fp = read_json(Path(config.run_dir) / "lm" / "manifest.json")["model_fingerprint"]
@@ -115,6 +115,7 @@ def evaluate(config: EvaluateConfig) -> dict:
 
     parts: dict[str, dict[str, np.ndarray]] = {}
     for split, split_tokens in tokens.items():
+        split_tokens = split_tokens[: config.max_tokens] if config.max_tokens else split_tokens
         scored = score_tokens(model, split_tokens, context, stride, config.batch_size, device, key_layer, desc=f"evaluate {split}")
         parts[split] = {"lm": scored.lm_log_prob}
         if memory is not None:

@@ -22,6 +22,14 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).exists()
 
 
+def require_model(name_or_path: str | Path, what: str = "model") -> str:
+    """The name as text; UsageError when it is a local path that does not exist."""
+    name = str(name_or_path)
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise UsageError(f"{what} path not found: {name}")
+    return name
+
+
 def model_fingerprint(name_or_path: str | Path) -> str:
     """Identity of a model: content hash of a local folder, else the hub id."""
     path = Path(name_or_path).expanduser()
@@ -30,9 +38,7 @@ def model_fingerprint(name_or_path: str | Path) -> str:
 
 def load_lm(name_or_path: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:
     """An HF causal LM in eval mode on ``device``; UsageError naming the model if it cannot be loaded."""
-    name = str(name_or_path)
-    if _looks_local(name) and not Path(name).expanduser().exists():
-        raise UsageError(f"model path not found: {name}")
+    name = require_model(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(name)
     except (OSError, ValueError) as err:
@@ -43,9 +49,7 @@ def load_lm(name_or_path: str | Path, device: torch.device | str = "cpu") -> Pre
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     """An HF tokenizer; UsageError naming it if it cannot be loaded."""
-    name = str(name_or_path)
-    if _looks_local(name) and not Path(name).expanduser().exists():
-        raise UsageError(f"tokenizer path not found: {name}")
+    name = require_model(name_or_path, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:

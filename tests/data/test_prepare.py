@@ -1,0 +1,73 @@
+"""prepare: corpus sources, tokenizer training, token stores, bad input."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from mlpmem.artifacts import Stage, open_array
+from mlpmem.config import PrepareConfig
+from mlpmem.data.corpus import bundled_wikitext2, load_corpus
+from mlpmem.data.prepare import prepare
+from mlpmem.errors import UsageError
+
+
+def test_bundled_slice_round_trips_through_the_trained_tokenizer(tmp_path):
+    manifest = prepare(PrepareConfig(run_dir=tmp_path, train_tokenizer=400))
+    assert manifest["status"] == "complete" and manifest["vocab_size"] == 400
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "prepare" / "tokenizer")
+    text = bundled_wikitext2().splits["valid"]
+    ids = open_array(tmp_path, "prepare", "valid")
+    assert ids.dtype == np.uint16 and len(ids) == manifest["counts"]["valid_tokens"]
+    assert tokenizer.decode(np.asarray(ids).tolist()) == text  # byte-level BPE is lossless
+
+
+def test_rerun_with_same_config_does_nothing(tmp_path):
+    first = prepare(PrepareConfig(run_dir=tmp_path, train_tokenizer=300))
+    mtime = (tmp_path / "prepare" / "train.bin").stat().st_mtime_ns
+    second = prepare(PrepareConfig(run_dir=tmp_path, train_tokenizer=300))
+    assert second["fingerprint"] == first["fingerprint"]
+    assert (tmp_path / "prepare" / "train.bin").stat().st_mtime_ns == mtime
+
+
+def test_text_file_is_carved_deterministically(tmp_path):
+    lines = [f"line {i} with some words\n" for i in range(200)]
+    (tmp_path / "c.txt").write_text("".join(lines), encoding="utf-8")
+    corpus = load_corpus(str(tmp_path / "c.txt"), valid_fraction=0.1, test_fraction=0.05)
+    assert corpus.splits["train"] + corpus.splits["valid"] + corpus.splits["test"] == "".join(lines)
+    assert corpus.splits["test"] == "".join(lines[190:])
+    assert corpus.splits["valid"] == "".join(lines[170:190])
+
+
+def test_directory_with_split_files(tmp_path):
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.txt").write_text(f"{split} text\n", encoding="utf-8")
+    corpus = load_corpus(str(tmp_path))
+    assert corpus.splits == {"train": "train text\n", "valid": "valid text\n", "test": "test text\n"}
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [(None, "corpus not found"), (b"", "empty"), (b"ok\n\xff\xfe bad\nmore\n", "not UTF-8")],
+)
+def test_bad_corpus_is_refused(tmp_path, content, message):
+    path = tmp_path / "corpus.txt"
+    if content is not None:
+        path.write_bytes(content if content else b"\n\n\n\n")
+    with pytest.raises(UsageError, match=message):
+        load_corpus(str(path))
+
+
+def test_exactly_one_tokenizer_option_is_required():
+    with pytest.raises(UsageError, match="exactly one of --tokenizer"):
+        from mlpmem.config import validate
+
+        validate(PrepareConfig, {"corpus": "wikitext-2-slice"})
+
+
+def test_run_with_later_stages_is_not_reprepared_with_another_tokenizer(tmp_path):
+    prepare(PrepareConfig(run_dir=tmp_path, train_tokenizer=300))
+    Stage(tmp_path, "lm").begin({"x": 1}, {})
+    with pytest.raises(UsageError, match="new --run-dir"):
+        prepare(PrepareConfig(run_dir=tmp_path, train_tokenizer=320))
