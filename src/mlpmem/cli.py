@@ -33,6 +33,8 @@ STAGE_FUNCTIONS = {
     "targets": "mlpmem.knn.targets:build_targets",
     "train-memory": "mlpmem.memory.train:train_memory",
     "evaluate": "mlpmem.evaluate.run:evaluate",
+    "generate": "mlpmem.inference.generation:generate_from_config",
+    "bench": "mlpmem.bench.run:bench",
 }
 STAGE_HELP = {
     "prepare": "tokenize a corpus into train/valid/test token stores",
@@ -42,6 +44,8 @@ STAGE_HELP = {
     "targets": "kNN target distributions for every datastore entry",
     "train-memory": "train the MLP memory to imitate the kNN targets",
     "evaluate": "perplexity of base, kNN-LM, MLP memory and both",
+    "generate": "generate text with the LM + MLP memory (and/or kNN-LM)",
+    "bench": "decode latency, scoring throughput and storage: base, memory, kNN-LM, equal-size decoder",
 }
 
 

@@ -141,6 +141,55 @@ class TrainMemoryConfig(StageConfig):
     dtype: DType = Field("auto", description="autocast dtype: auto = bfloat16 on GPU and on CPUs with native bf16, else float32")
 
 
+class GenerateConfig(StageConfig):
+    prompt: str | list[str] | None = Field(None, description="text to continue (a YAML list: one batch, left-padded)")
+    max_new_tokens: int = Field(50, ge=1, description="tokens generated per prompt")
+    do_sample: bool = Field(False, description="sample instead of greedy / beam search")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature, applied to the mixed distribution")
+    top_k: int | None = Field(None, ge=1, description="sample among the k most probable tokens")
+    top_p: float | None = Field(None, gt=0, le=1, description="sample from the smallest set holding this much probability")
+    num_beams: int = Field(1, ge=1, description="beam search width (1: no beam search)")
+    num_return_sequences: int = Field(1, ge=1, description="continuations per prompt (<= num_beams without sampling)")
+    repetition_penalty: float | None = Field(None, gt=0, description="HF repetition penalty (1: none)")
+    memory: bool = Field(True, description="mix in the run's MLP memory")
+    knn: bool = Field(False, description="mix in the run's kNN-LM (live search of its datastore)")
+    lmbda: float | None = Field(None, ge=0, le=1, description="memory weight; default: the λ saved with the memory")
+    knn_lmbda: float | None = Field(None, ge=0, le=1, description="kNN-LM weight; default: tuned by evaluate, else 0.25")
+    knn_temperature: float | None = Field(None, gt=0, description="T of p_kNN; default: tuned by evaluate, else the targets' T")
+    k: int = Field(256, ge=1, description="neighbours retrieved per token for kNN-LM")
+    nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
+    seed: int = Field(0, description="random seed (sampling)")
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+
+
+class BenchConfig(StageConfig):
+    out_dir: Path | None = Field(None, description="where bench.json and the plots go; default: RUN_DIR/bench")
+    quick: bool = Field(
+        False, description="small sizes and few tokens (fields you set yourself are kept): minutes on 2 CPU cores"
+    )
+    datastore_sizes: list[int] = Field(
+        [10_000, 100_000, 1_000_000, 10_000_000, 50_000_000],
+        description="synthetic datastore sizes (entries) kNN-LM is timed at; the run's own datastore is added when it has one",
+    )
+    k: int = Field(1024, ge=1, description="neighbours retrieved per token for kNN-LM")
+    nprobe: int = Field(32, ge=1, description="IVF lists searched")
+    knn_temperature: float = Field(10.0, gt=0, description="T of p_kNN (timing only)")
+    lmbda: float = Field(0.25, gt=0, lt=1, description="mixing weight (timing only)")
+    prompt_tokens: int = Field(32, ge=1, description="prompt length before the timed decode steps")
+    new_tokens: int = Field(64, ge=2, description="decode steps timed per repeat (batch 1, KV cache)")
+    repeats: int = Field(5, ge=1, description="timed repeats after one warm-up; medians are reported")
+    score_batch: int = Field(8, ge=1, description="windows per forward when timing batched scoring")
+    score_context: int = Field(128, ge=2, description="window length when timing batched scoring (capped at the LM's positions)")
+    memory_blocks: int = Field(4, ge=1, description="blocks of a random-init memory, used when the run has no trained one")
+    optimisations: list[Literal["bf16", "int8", "compile"]] = Field(
+        ["bf16", "int8", "compile"], description="memory speed-ups to time against the eager float32 memory"
+    )
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch and FAISS; default: their own")
+    keep_indexes: bool = Field(False, description="keep the synthetic indexes under OUT_DIR/work (else deleted after timing)")
+    seed: int = Field(0, description="seed of the synthetic keys, values and inputs")
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+
+
 STAGES: dict[str, type[StageConfig]] = {
     "prepare": PrepareConfig,
     "train-lm": TrainLMConfig,
@@ -149,6 +198,8 @@ STAGES: dict[str, type[StageConfig]] = {
     "targets": TargetsConfig,
     "train-memory": TrainMemoryConfig,
     "evaluate": EvaluateConfig,
+    "generate": GenerateConfig,
+    "bench": BenchConfig,
 }
 
 
