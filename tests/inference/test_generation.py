@@ -1,0 +1,147 @@
+"""Generation through transformers' generate with the memory (and kNN-LM) mixed in by hooks.
+
+References are computed independently: a full forward of the prefix, the key from a plain forward hook, the
+memory's and a brute-force kNN's log-probs, mixed by ``mix_log_probs`` (the evaluation path's mixing).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gen_inputs import KEY_LAYER, generation_run, generation_run_template, one_thread  # noqa: F401
+
+from mlpmem.artifacts import open_array
+from mlpmem.cli import main
+from mlpmem.errors import UsageError
+from mlpmem.inference.generation import MemoryAugmentedLM
+from mlpmem.inference.mixing import mix_log_probs
+
+PROMPT = torch.tensor([[5, 6, 7, 8, 40, 41]])
+
+
+def loaded(run, **kwargs) -> MemoryAugmentedLM:
+    """The run's mixed model with no end-of-text token (every generation runs its full length)."""
+    mlm = MemoryAugmentedLM.from_run(run, device="cpu", **kwargs)
+    mlm.lm.generation_config.eos_token_id = None
+    return mlm
+
+
+def reference_next_log_probs(mlm: MemoryAugmentedLM, prefix: torch.Tensor, knn_keys=None, knn_values=None) -> torch.Tensor:
+    """Joint log-probs [V] of the token after ``prefix`` [T]: a full forward, no cache, no mixing hook."""
+    captured = {}
+    handle = mlm.lm.get_submodule(KEY_LAYER).register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
+    try:
+        with torch.no_grad():
+            logits = mlm.lm(prefix[None], use_cache=False).logits[0, -1]  # [V]
+            key = captured["h"][0, -1]  # [d]
+            parts = [torch.log_softmax(logits, -1), torch.log_softmax(mlm.memory(key[None])[0], -1)]
+    finally:
+        handle.remove()
+    weights = [1 - mlm.lmbda - mlm.knn_lmbda, mlm.lmbda]
+    if knn_keys is not None:  # brute force: k nearest by squared L2, softmax(-d/T), summed per token
+        d = ((knn_keys - key.numpy()[None]) ** 2).sum(1)
+        top = np.argsort(d, kind="stable")[: mlm.knn.k]
+        w = torch.softmax(torch.from_numpy(-d[top] / mlm.knn.temperature).double(), 0)
+        p = torch.zeros(logits.shape[-1], dtype=torch.float64).index_add_(0, torch.from_numpy(knn_values[top].astype(np.int64)), w)
+        parts.append(p.float().log())
+        weights.append(mlm.knn_lmbda)
+    return mix_log_probs(parts, weights)
+
+
+def greedy_steps_match_reference(mlm, sequence, n_prompt, **knn) -> int:
+    """Checks every generated token is the argmax of the reference; returns how many steps had a clear margin."""
+    clear = 0
+    for t in range(n_prompt, sequence.shape[0]):
+        ref = reference_next_log_probs(mlm, sequence[:t], **knn)
+        top2 = torch.topk(ref, 2).values
+        if top2[0] - top2[1] > 1e-4:  # away from float ties the argmax must be the generated token
+            assert int(sequence[t]) == int(ref.argmax()), f"step {t - n_prompt}"
+            clear += 1
+    return clear
+
+
+def test_greedy_equals_argmax_of_joint_log_probs(generation_run):
+    mlm = loaded(generation_run)
+    out = mlm.generate(PROMPT, max_new_tokens=12, do_sample=False)[0]
+    assert greedy_steps_match_reference(mlm, out, PROMPT.shape[1]) >= 10
+    base = mlm.lm.generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0)[0]
+    assert not torch.equal(out, base), "the memory should change some choices of this tiny LM"
+
+
+def test_greedy_with_memory_and_knn_equals_brute_force_reference(generation_run):
+    mlm = loaded(generation_run, use_knn=True, k=16, knn_lmbda=0.3, lmbda=0.3)
+    assert mlm.knn.temperature == 5.0  # the memory's target temperature (no evaluate results in this run)
+    keys = np.asarray(open_array(generation_run, "datastore", "keys"), dtype=np.float32)
+    values = np.asarray(open_array(generation_run, "datastore", "values"))
+    out = mlm.generate(PROMPT, max_new_tokens=10)[0]
+    assert greedy_steps_match_reference(mlm, out, PROMPT.shape[1], knn_keys=keys, knn_values=values) >= 8
+
+
+def test_joint_log_probs_match_reference_at_every_position(generation_run):
+    mlm = loaded(generation_run)
+    joint = mlm.joint_log_probs(PROMPT)[0]  # [T, V]
+    for t in range(1, PROMPT.shape[1] + 1):
+        torch.testing.assert_close(joint[t - 1], reference_next_log_probs(mlm, PROMPT[0, :t]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(joint.exp().sum(-1), torch.ones(PROMPT.shape[1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
+def test_lambda_zero_reproduces_the_base_model(generation_run, mode):
+    mlm = loaded(generation_run, lmbda=0.0)
+    kwargs = {"greedy": {}, "sample": {"do_sample": True, "top_k": 20, "temperature": 0.8}, "beam": {"num_beams": 3}}[mode]
+    torch.manual_seed(3)
+    mixed = mlm.generate(PROMPT, max_new_tokens=10, **kwargs)
+    torch.manual_seed(3)
+    base = mlm.lm.generate(PROMPT, max_new_tokens=10, pad_token_id=0, **kwargs)
+    assert torch.equal(mixed, base)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(generation_run):
+    mlm = loaded(generation_run, use_knn=True, k=16, lmbda=0.3, knn_lmbda=0.2)
+    prompts = ["w5 w6 w7 w8 w9 w10", "w30", "w60 w61 w62"]
+    batched = mlm.generate(prompts, max_new_tokens=8)
+    single = [mlm.generate(p, max_new_tokens=8) for p in prompts]
+    assert batched == single
+    assert all(len(text.split()) == 8 for text in single)
+
+
+def test_memory_runs_once_per_new_token_on_one_position(generation_run):
+    mlm = loaded(generation_run)
+    shapes = []
+    mlm.memory.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    mlm.generate(torch.cat([PROMPT, PROMPT]), max_new_tokens=7)
+    assert shapes == [(2, 1, 32)] * 7  # prefill returns the last position only; then one token per step (KV cache)
+
+
+def test_beam_search_and_sampling_run_and_sampling_is_seeded(generation_run):
+    mlm = loaded(generation_run)
+    beams = mlm.generate(["w1 w2", "w50"], max_new_tokens=6, num_beams=4, num_return_sequences=2)
+    assert len(beams) == 4 and all(len(t.split()) == 6 for t in beams)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        runs.append(mlm.generate(["w1 w2", "w50"], max_new_tokens=8, do_sample=True, top_p=0.9, top_k=30, temperature=1.3))
+    assert runs[0] == runs[1]
+    torch.manual_seed(12)
+    assert mlm.generate(["w1 w2", "w50"], max_new_tokens=8, do_sample=True) != runs[0]
+
+
+def test_memory_of_another_model_is_refused(generation_run):
+    import json
+
+    config = generation_run / "memory" / "model" / "config.json"
+    data = json.loads(config.read_text())
+    data["base_model_fingerprint"] = "0000000000000000"
+    config.write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="base model"):
+        loaded(generation_run)
+
+
+def test_cli_prints_the_continuation(generation_run, capsys):
+    code = main(["generate", "--run-dir", str(generation_run), "--prompt", "w1 w2 w3", "--max-new-tokens", "5",
+                 "--device", "cpu"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and len(out) == 1 and out[0].startswith("w1 w2 w3 ") and len(out[0].split()) == 8
+    code = main(["generate", "--run-dir", str(generation_run), "--max-new-tokens", "5"])
+    assert code == 2 and "--prompt" in capsys.readouterr().err
