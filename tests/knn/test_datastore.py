@@ -136,3 +136,12 @@ def test_key_layer_outside_the_backbone(tmp_path):
     with torch.no_grad():
         logits = load_lm(run_lm_dir(run))(torch.from_numpy(tokens.astype(np.int64))[None]).logits[0, :-1]
     np.testing.assert_allclose(open_array(run, "datastore", "keys"), logits.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_stride_equal_to_context_is_refused(tiny_run):
+    from mlpmem.config import DatastoreConfig
+    from mlpmem.errors import UsageError
+    from mlpmem.knn.datastore import build_datastore
+
+    with pytest.raises(UsageError, match="smaller than --context"):
+        build_datastore(DatastoreConfig(run_dir=tiny_run, context=32, stride=32, device="cpu"))

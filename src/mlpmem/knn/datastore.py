@@ -54,6 +54,8 @@ def window_sizes(config: DatastoreConfig, lm: dict[str, Any], positions: int | N
             raise UsageError("cannot tell the model's context length; give --context TOKENS")
         context = min(candidates)
     stride = config.stride or max(1, context // 2)
+    if stride >= context:
+        raise UsageError(f"--stride ({stride}) must be smaller than --context ({context}) so that every position gets a key")
     return context, stride
 
 
