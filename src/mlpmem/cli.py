@@ -78,9 +78,11 @@ def parse_value(raw: str, annotation: Any) -> Any:
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type[StageConfig]) -> None:
     for name, field in cls.model_fields.items():
-        flags = sorted({f"--{name.replace('_', '-')}", f"--{name}"})
+        aliases = (field.json_schema_extra or {}).get("cli_aliases", []) if isinstance(field.json_schema_extra, dict) else []
+        flags = sorted({f"--{name.replace('_', '-')}", f"--{name}", *aliases})
         default = field.default if field.default is not None else "none"
-        parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar="VALUE",
+        switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}  # bare --quick means true
+        parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar="VALUE", **switch,
                             help=f"{field.description} (default: {default})")
 
 

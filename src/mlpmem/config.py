@@ -163,7 +163,9 @@ class GenerateConfig(StageConfig):
 
 
 class BenchConfig(StageConfig):
-    out_dir: Path | None = Field(None, description="where bench.json and the plots go; default: RUN_DIR/bench")
+    out_dir: Path | None = Field(
+        None, description="where bench.json and bench.png go; default: RUN_DIR/bench", json_schema_extra={"cli_aliases": ["--out"]}
+    )
     quick: bool = Field(
         False, description="small sizes and few tokens (fields you set yourself are kept): minutes on 2 CPU cores"
     )
