@@ -1,1 +1,2 @@
-"""mlpmem.bench"""
+"""Speed benchmarks: decode latency, scoring throughput and storage of base, MLP memory, kNN-LM and an
+equal-parameter decoder (``mlpmem bench``)."""

@@ -1,0 +1,78 @@
+"""The benchmark's printed table (ratios to base) and its plot (latency and bytes against datastore size)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def human_count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for value, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= value:
+            return f"{n / value:g}{suffix}"
+    return str(n)
+
+
+def format_table(results: list[dict], base_ms: float, base_tps: float) -> str:
+    """One row per system (and datastore size): ms/token, tokens/s, bytes, with ratios to base."""
+    head = f"{'system':<26} {'datastore':>10} {'ms/token':>9} {'x base':>7} {'tokens/s':>10} {'x base':>7} {'bytes':>9}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        size = human_count(r["datastore_size"]) + ("*" if r["synthetic"] else "") if r["datastore_size"] else "-"
+        ms, tps = r["ms_per_token"], r["tokens_per_s"]
+        lines.append(
+            f"{r['system']:<26} {size:>10} {ms:>9.2f} {ms / base_ms:>7.2f} "
+            f"{(f'{tps:,.0f}' if tps else '-'):>10} {(f'{tps / base_tps:.2f}' if tps else '-'):>7} {human_bytes(r['bytes']):>9}"
+        )
+    lines.append("* synthetic store (random keys of the real width). bytes: model weights for base and "
+                 "decoder-equal-params; added weights for mlp-memory; datastore + index on disk for knn-lm")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], memory_bytes: int, path: Path) -> None:
+    """Two panels against datastore size (log-log): decode ms/token of kNN-LM vs the flat lines of the
+    size-independent systems; and bytes of datastore + index vs the memory's bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    knn = sorted((r for r in results if r["system"] == "knn-lm"), key=lambda r: r["datastore_size"])
+    flat = [r for r in results if r["datastore_size"] is None]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    synthetic = [r for r in knn if r["synthetic"]]
+    if synthetic:
+        sizes = [r["datastore_size"] for r in synthetic]
+        label = f"knn-lm, synthetic IVF-PQ (k={synthetic[0]['k']}, nprobe={synthetic[0]['nprobe']})"
+        ax1.plot(sizes, [r["ms_per_token"] for r in synthetic], "o-", color="C3", label=label)
+        ax2.plot(sizes, [r["bytes"] for r in synthetic], "o-", color="C3", label="datastore + index (synthetic)")
+    for r in (r for r in knn if not r["synthetic"]):
+        label = f"knn-lm, the run's datastore ({r['index']})"
+        ax1.plot([r["datastore_size"]], [r["ms_per_token"]], "s", color="black", label=label)
+        ax2.plot([r["datastore_size"]], [r["bytes"]], "s", color="black", label=f"the run's datastore + index ({r['index']})")
+    ax2.axhline(memory_bytes, color="C0", label="MLP memory (float32)")
+    colors = ["gray", "C0", "C2", "C1", "C4", "C5", "C6"]  # C3 is kNN-LM's
+    for i, r in enumerate(flat):
+        ax1.axhline(r["ms_per_token"], color=colors[i % len(colors)], linestyle=":" if i == 0 else "--", label=r["system"])
+    for ax, ylabel in ((ax1, "decode ms / token (batch 1)"), (ax2, "bytes")):
+        ax.set_xscale("log")
+        ax.set_xlabel("datastore entries")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    ax2.set_yscale("log")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

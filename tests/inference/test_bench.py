@@ -1,0 +1,47 @@
+"""``mlpmem bench`` end to end on a tiny run (no timing assertions: only what it writes and how it is shaped)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from gen_inputs import generation_run, generation_run_template, one_thread  # noqa: F401
+
+from mlpmem.bench.synthetic import build_synthetic_index, datastore_bytes, ivfpq_geometry
+from mlpmem.cli import main
+
+
+def test_synthetic_index_has_the_recipe_geometry_and_finds_neighbours():
+    assert ivfpq_geometry(50_000_000, 256, 1024, 32) == (32768, 32)  # ≈ 4·sqrt(N) lists, 32-byte codes
+    assert ivfpq_geometry(10_000, 256, 1024, 32)[0] == 256  # capped: 32 probed lists hold >= k entries
+    index, factory = build_synthetic_index(3000, 32, 64, 8, seed=1, chunk=1000)
+    assert index.ntotal == 3000 and factory == "IVF256,PQ16" and index.nprobe == 8
+    dists, ids = index.search(np.random.default_rng(0).standard_normal((4, 32), dtype=np.float32) * 4, 64)
+    assert (ids >= 0).all() and (np.diff(dists, axis=1) >= 0).all()
+    assert datastore_bytes(10, 32) == 10 * (32 * 2 + 4)
+
+
+def test_bench_quick_writes_json_plot_and_table(generation_run, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "--quick", "--run-dir", str(generation_run), "--out", str(out), "--device", "cpu",
+                 "--datastore-sizes", "[2000, 5000]", "--k", "64", "--new-tokens", "4", "--repeats", "1",
+                 "--optimisations", "[int8]", "--score-batch", "2", "--score-context", "16", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").stat().st_size > 0 and not (out / "work").exists()
+    rows = report["results"]
+    for row in rows:
+        assert {"system", "datastore_size", "synthetic", "ms_per_token", "tokens_per_s", "bytes"} <= set(row)
+        assert row["ms_per_token"] > 0 and row["bytes"] > 0
+    systems = {r["system"] for r in rows}
+    assert {"base", "mlp-memory", "decoder-equal-params", "knn-lm"} <= systems
+    variants = {v["variant"]: v for v in report["memory_variants"]}
+    assert set(variants) == {"eager", "plain", "int8"} and variants["int8"]["ms_per_token"] > 0
+    assert variants["plain"]["max_abs_log_prob_diff"] < 1e-4  # plain is the same function
+    # a variant runs end to end only when faithful (mean KL <= 1e-3); this tiny memory's peaked head may not be
+    knn = [(r["datastore_size"], r["synthetic"]) for r in rows if r["system"] == "knn-lm"]
+    assert knn == [(799, False), (2000, True), (5000, True)]  # the run's own store, then synthetic ones
+    assert report["models"]["memory_trained"] and report["models"]["decoder_equal_params"] > report["models"]["base_params"]
+    assert report["config"]["new_tokens"] == 4 and report["config"]["prompt_tokens"] == 16  # set flags beat --quick
+    assert "x base" in printed and "crossover" in printed and "hooks + mixing" in printed
