@@ -162,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             run_pipeline(args.config_path, rest)
         else:
-            stage_function(args.command)(stage_config(args.command, args))
+            config = stage_config(args.command, args)
+            result = stage_function(args.command)(config)
+            if args.command == "evaluate":
+                from mlpmem.evaluate.report import format_table
+
+                print(format_table(result["systems"]))
+                print(f"results: {Path(config.run_dir) / 'evaluate' / 'results.json'}")
     except UsageError as err:
         print(f"mlpmem: error: {err}", file=sys.stderr)
         return 2
@@ -180,6 +186,7 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from mlpmem.data.prepare import encode, vocab_fingerprint
 from mlpmem.data.tokens import open_split
 from mlpmem.devices import resolve_device
 from mlpmem.errors import UsageError
-from mlpmem.evaluate.report import format_table, plot_lambda_curves
+from mlpmem.evaluate.report import plot_lambda_curves
 from mlpmem.evaluate.scoring import knn_log_prob, memory_log_prob, score_tokens
 from mlpmem.evaluate.tune import mixed_perplexity, perplexity, tune_lambda, tune_pair
 from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, model_fingerprint, require_model, run_lm_dir
@@ -82,9 +82,7 @@ def evaluate(config: EvaluateConfig) -> dict:
             inputs[name] = manifest["fingerprint"]
     stage = Stage(run_dir, "evaluate")
     if stage.begin(config.model_dump(mode="json", exclude={"run_dir", "device", "batch_size"}), inputs) == "complete":
-        results = read_json(stage.dir / "results.json")
-        print(format_table(results["systems"]))
-        return results
+        return read_json(stage.dir / "results.json")
 
     device = resolve_device(config.device)
     model = load_lm(model_path, device)
@@ -135,7 +133,6 @@ def evaluate(config: EvaluateConfig) -> dict:
         plot_lambda_curves(curves, results["systems"][0][f"{results['tuned_on']}_ppl"], stage.dir / "lambda.png")
     atomic_write_json(stage.dir / "results.json", results)
     stage.complete({f"{s}_tokens": n for s, n in results["tokens"].items()}, results_path="results.json")
-    print(format_table(results["systems"]))
     return results
 
 
