@@ -51,6 +51,18 @@ def make_tiny_run(run_dir: Path, n_train: int = 3000, n_eval: int = 600, seed: i
     return run_dir
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one torch and FAISS thread (threads only add overhead here, and thrash on a busy machine)."""
+    import faiss
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_run(tmp_path: Path) -> Path:
     return make_tiny_run(tmp_path / "run")

@@ -98,9 +98,3 @@ def generation_run(generation_run_template: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(generation_run_template, tmp_path / "run"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from gen_inputs import generation_run, generation_run_template, one_thread  # noqa: F401
+from gen_inputs import generation_run, generation_run_template  # noqa: F401
 
 from mlpmem.bench.synthetic import build_synthetic_index, datastore_bytes, ivfpq_geometry
 from mlpmem.cli import main

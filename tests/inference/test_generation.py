@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gen_inputs import KEY_LAYER, generation_run, generation_run_template, one_thread  # noqa: F401
+from gen_inputs import KEY_LAYER, generation_run, generation_run_template  # noqa: F401
 
 from mlpmem.artifacts import open_array
 from mlpmem.cli import main

@@ -87,10 +87,3 @@ def memory_run(memory_run_template: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(memory_run_template, tmp_path / "run"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (on a shared 2-core machine, two threads thrash 10-30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

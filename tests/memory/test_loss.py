@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from memory_inputs import one_thread  # noqa: F401
 
 from mlpmem.memory.loss import memory_loss
 

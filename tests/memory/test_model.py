@@ -7,7 +7,6 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from memory_inputs import one_thread  # noqa: F401
 from transformers import AutoConfig, AutoModel
 
 from mlpmem.errors import UsageError

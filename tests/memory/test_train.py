@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from memory_inputs import CONTEXT, KEY_LAYER, STRIDE, datastore_keys, memory_run, memory_run_template, one_thread  # noqa: F401
+from memory_inputs import CONTEXT, KEY_LAYER, STRIDE, datastore_keys, memory_run, memory_run_template  # noqa: F401
 from safetensors.torch import load_file
 
 from mlpmem.artifacts import Stage, open_array
