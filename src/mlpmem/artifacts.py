@@ -80,12 +80,24 @@ def fingerprint_path(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def environment() -> dict[str, str]:
-    """What produced an artifact: package, Python and torch versions, platform."""
+def git_commit() -> str | None:
+    """The mlpmem checkout's commit, when it runs from a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment() -> dict[str, str | None]:
+    """What produced an artifact: package version and commit, Python and torch versions, platform."""
     import torch
 
     return {
         "mlpmem": __version__,
+        "git_commit": git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),

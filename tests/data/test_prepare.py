@@ -1,6 +1,5 @@
 """prepare: corpus sources, tokenizer training, token stores, bad input."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

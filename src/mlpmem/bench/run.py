@@ -281,7 +281,7 @@ def bench(config: BenchConfig) -> dict[str, Any]:
         "decode_ms_all": {k: round(v, 4) for k, v in ms.items()},
         "config": config.model_dump(mode="json"),
         "device": str(device), "threads": torch.get_num_threads(), "seconds": round(time.time() - started, 1),
-        "provenance": {"git_commit": _git_commit(), **environment()},
+        "provenance": environment(),
     }
     atomic_write_json(out_dir / "bench.json", report)
     plot(results + knn_rows, memory_bytes, out_dir / "bench.png")
@@ -332,13 +332,3 @@ def summary_lines(report: dict) -> str:
         f"crossover: {s['crossover']['size'] or '-'} ({s['crossover']['note']})",
     ]
     return "\n".join(lines)
-
-
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None

@@ -9,7 +9,6 @@ RUN/evaluate/results.json and lambda.png, and prints the table.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +29,6 @@ from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, model_fingerp
 def complete_manifest(run_dir: Path, stage: str) -> dict | None:
     manifest = Stage(run_dir, stage).read()
     return manifest if manifest and manifest.get("status") == "complete" else None
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def resolve_sources(config: EvaluateConfig) -> tuple[str, str, str, dict[str, np.ndarray]]:
@@ -127,7 +118,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         context=context, stride=stride, model=str(model_path),
         tokens={s: int(len(p["lm"])) for s, p in parts.items()},
         config=config.model_dump(mode="json"),
-        provenance={"git_commit": git_commit(), **environment()},
+        provenance=environment(),
     )
     if curves:
         plot_lambda_curves(curves, results["systems"][0][f"{results['tuned_on']}_ppl"], stage.dir / "lambda.png")

@@ -12,7 +12,6 @@ import logging
 import math
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +19,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from mlpmem.artifacts import Stage, atomic_write_json, read_json
+from mlpmem.artifacts import Stage
+from mlpmem.checkpoints import load_checkpoint, save_checkpoint, save_pretrained_atomically
 from mlpmem.config import TrainLMConfig
 from mlpmem.data.prepare import vocab_fingerprint
 from mlpmem.data.tokens import open_split, tokenizer_dir
@@ -90,37 +90,6 @@ def validation_loss(model: PreTrainedModel, tokens: np.ndarray, config: TrainLMC
     return float(np.mean(losses))
 
 
-def save_checkpoint(stage_dir: Path, step: int, model: PreTrainedModel, optimizer, scheduler) -> None:
-    """checkpoints/step-N/ (model + optimizer state), then the atomic pointer latest.json; older ones removed."""
-    root = stage_dir / "checkpoints"
-    folder = root / f"step-{step}"
-    model.save_pretrained(folder / "model")
-    torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
-        folder / "state.pt",
-    )
-    atomic_write_json(root / "latest.json", {"step": step, "folder": folder.name})
-    for old in root.glob("step-*"):
-        if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(stage_dir: Path, model: PreTrainedModel, optimizer, scheduler) -> int:
-    """Restore the latest checkpoint into model/optimizer/scheduler; returns its step (0 when none)."""
-    pointer = stage_dir / "checkpoints" / "latest.json"
-    if not pointer.exists():
-        return 0
-    folder = stage_dir / "checkpoints" / read_json(pointer)["folder"]
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(folder / "model" / "model.safetensors"), strict=False)
-    state = torch.load(folder / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
-
-
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on biases and norms)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -152,7 +121,11 @@ def train_lm(config: TrainLMConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps, config.min_lr_ratio)
     )
-    step = load_checkpoint(stage.dir, model, optimizer, scheduler) if status == "resume" else 0
+    step = 0
+    if status == "resume" and (state := load_checkpoint(stage.dir, model)) is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
     model, optimizer = accelerator.prepare(model, optimizer)
     rank, world = accelerator.process_index, accelerator.num_processes
     tokens_per_step = config.batch_size * config.grad_accum * config.context * world
@@ -180,15 +153,15 @@ def train_lm(config: TrainLMConfig) -> dict:
             history.append({"step": step, "train_loss": round(loss.item() * config.grad_accum, 4), "valid_loss": round(val, 4)})
             bar.write(f"step {step}: valid loss {val:.4f} (ppl {math.exp(val):.2f})")
             if accelerator.is_main_process:
-                save_checkpoint(stage.dir, step, accelerator.unwrap_model(model), optimizer, scheduler)
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                save_checkpoint(stage.dir, step, accelerator.unwrap_model(model), state)
                 stage.save()
             accelerator.wait_for_everyone()
     bar.close()
     if not accelerator.is_main_process:
         return stage.manifest
     final = accelerator.unwrap_model(model)
-    final.save_pretrained(stage.dir / "model")
-    load_tokenizer(tokenizer_dir(config.run_dir)).save_pretrained(stage.dir / "model")
+    save_pretrained_atomically(final, stage.dir / "model", load_tokenizer(tokenizer_dir(config.run_dir)))
     shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
     rate = n_trained / t_train if t_train else None
     return stage.complete(

@@ -12,7 +12,6 @@ save_pretrained to RUN/memory/model.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +23,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 
-from mlpmem.artifacts import Stage, atomic_write_json, open_array, read_json, require_stage
+from mlpmem.artifacts import Stage, open_array, require_stage
+from mlpmem.checkpoints import load_checkpoint, save_checkpoint, save_pretrained_atomically
 from mlpmem.config import TrainMemoryConfig
 from mlpmem.data.tokens import open_split
 from mlpmem.data.windows import Window, sliding_windows
@@ -196,37 +196,6 @@ def validate(
     return {"loss": round(float(loss), 6), "kl": round(float(kl), 6), "ce": round(float(ce), 6)}
 
 
-def save_checkpoint(stage: Stage, step: int, model: MLPMemory, optimizer: torch.optim.Optimizer, progress: dict) -> None:
-    """checkpoints/step-N/ (model + optimizer/RNG/step state), then the atomic pointer latest.json; older removed."""
-    root = stage.dir / "checkpoints"
-    folder = root / f"step-{step}"
-    shutil.rmtree(folder, ignore_errors=True)
-    model.save_pretrained(folder / "model")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, **progress}, folder / "state.pt")
-    atomic_write_json(root / "latest.json", {"step": step, "folder": folder.name})
-    for old in root.glob("step-*"):
-        if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(stage: Stage, model: MLPMemory, optimizer: torch.optim.Optimizer) -> dict | None:
-    """Restore the latest checkpoint into model and optimizer; returns its state (None when there is none)."""
-    pointer = stage.dir / "checkpoints" / "latest.json"
-    if not pointer.exists():
-        return None
-    folder = stage.dir / "checkpoints" / read_json(pointer)["folder"]
-    model.load_state_dict(MLPMemory.from_pretrained(folder / "model").state_dict())
-    state = torch.load(folder / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
-    return state
-
-
 # the stage ---------------------------------------------------------------------------------------------------
 def check_inputs(run_dir: Path, ds: dict, tg: dict, config: TrainMemoryConfig) -> tuple[int, int]:
     """(N, key width) after checking datastore and targets belong together; UsageError (one line) otherwise."""
@@ -311,13 +280,15 @@ def train_memory(config: TrainMemoryConfig) -> dict:
     head_from_lm = memory.init_head_from(lm.get_output_embeddings().weight) if config.init_head_from_lm else False
     memory.to(device).train()
     optimizer = make_optimizer(memory, config.lr, config.weight_decay)
-    state = load_checkpoint(stage, memory, optimizer) if status == "resume" else None
+    state = load_checkpoint(stage.dir, memory) if status == "resume" else None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
     memory, optimizer = accelerator.prepare(memory, optimizer)
     result = fit(config, stage, accelerator, memory, optimizer, source, n_entries, state, device, dtype)
     if not accelerator.is_main_process:
         return stage.manifest
     model = accelerator.unwrap_model(memory)
-    _save_atomically(model, stage.dir / "model")
+    save_pretrained_atomically(model, stage.dir / "model")
     shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
     stage.manifest["timings"]["train_seconds"] = round(result["train_seconds"], 2)
     counts = {
@@ -390,7 +361,7 @@ def fit(
                 bar.write(f"step {step}: valid loss {result['loss']:.4f} kl {result['kl']:.4f} ce {result['ce']:.4f}")
             if accelerator.is_main_process:
                 progress = {"train_seconds": train_seconds, "keys_seen": keys_seen, "valid_history": history}
-                save_checkpoint(stage, step, accelerator.unwrap_model(memory), optimizer, progress)
+                save_checkpoint(stage.dir, step, accelerator.unwrap_model(memory), {"optimizer": optimizer.state_dict(), **progress})
                 stage.manifest["valid_history"] = history
                 stage.save()
             accelerator.wait_for_everyone()
@@ -410,12 +381,3 @@ def _online_inputs(run_dir: Path, ds: dict, n_entries: int) -> tuple[np.ndarray,
             f"stride {ds['stride']}) score {scored} of {len(tokens) - 1} positions for {n_entries} entries; use --mode offline"
         )
     return tokens, windows
-
-
-def _save_atomically(model: MLPMemory, folder: Path) -> None:
-    """save_pretrained into a temp folder, then rename it into place."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
