@@ -2,8 +2,11 @@
 
 import json
 import math
+import shutil
 
+import pytest
 import yaml
+from conftest import tiny_gpt2
 
 from mlpmem.cli import main
 
@@ -21,35 +24,57 @@ TINY_PIPELINE = {
 }
 
 
-def write_config(tmp_path, **changes):
-    config = {"run_dir": str(tmp_path / "run"), **TINY_PIPELINE, **changes}
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
+def write_config(folder, run_dir, **changes):
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(run_dir), **TINY_PIPELINE, **changes}))
     return path
 
 
-def test_whole_pipeline_then_rerun_reuses_every_stage(tmp_path, capsys):
-    path = write_config(tmp_path)
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """One whole pipeline run shared by this module's tests: (config path, run dir)."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    path = write_config(folder, folder / "run")
     assert main(["run", str(path)]) == 0
-    results = json.loads((tmp_path / "run" / "evaluate" / "results.json").read_text())
+    return path, folder / "run"
+
+
+def test_whole_pipeline_then_rerun_reuses_every_stage(pipeline, capsys):
+    path, run = pipeline
+    results = json.loads((run / "evaluate" / "results.json").read_text())
     names = [s["name"] for s in results["systems"]]
     assert names == ["base", "knn-lm", "mlp-memory", "mlp-memory+knn-lm"]
     for system in results["systems"]:
         assert math.isfinite(system["valid_ppl"]) and math.isfinite(system["test_ppl"])
         assert system["valid_ppl"] <= results["systems"][0]["valid_ppl"] + 1e-9  # λ = 0 is on every grid
-    assert (tmp_path / "run" / "evaluate" / "lambda.png").stat().st_size > 0
+    assert (run / "evaluate" / "lambda.png").stat().st_size > 0
+
+    manifests = {p.parent.name: p.stat().st_mtime_ns for p in run.glob("*/manifest.json")}
+    assert main(["run", str(path)]) == 0  # a second run reuses every complete stage
+    assert manifests == {p.parent.name: p.stat().st_mtime_ns for p in run.glob("*/manifest.json")}
     out = capsys.readouterr().out
     assert "mlp-memory+knn-lm" in out and "targets" in out
 
-    manifests = {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*/manifest.json")}
-    assert main(["run", str(path)]) == 0  # a second run reuses every complete stage
-    assert manifests == {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*/manifest.json")}
 
-
-def test_lambda_zero_reproduces_base_perplexity_exactly(tmp_path):
-    path = write_config(tmp_path, evaluate={**TINY_PIPELINE["evaluate"], "lmbdas": [0.0]})
-    assert main(["run", str(path)]) == 0
+def test_lambda_zero_reproduces_base_perplexity_exactly(pipeline, tmp_path):
+    _, run = pipeline
+    shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("evaluate"))
+    path = write_config(tmp_path, tmp_path / "run", evaluate={**TINY_PIPELINE["evaluate"], "lmbdas": [0.0]})
+    assert main(["run", str(path), "--stages", "evaluate"]) == 0
     systems = json.loads((tmp_path / "run" / "evaluate" / "results.json").read_text())["systems"]
     base = systems[0]
     for system in systems[1:]:
         assert system["valid_ppl"] == base["valid_ppl"] and system["test_ppl"] == base["test_ppl"], system["name"]
+
+
+@pytest.mark.parametrize("knn,message", [("true", "datastore was built with another model"),
+                                         ("false", "memory was trained on keys of base model")])
+def test_artifacts_of_another_model_are_refused(pipeline, tmp_path, capsys, knn, message):
+    _, run = pipeline
+    other = tmp_path / "other-lm"
+    tiny_gpt2(vocab_size=1000, seed=1).save_pretrained(other)
+    shutil.copytree(run / "prepare" / "tokenizer", other, dirs_exist_ok=True)
+    capsys.readouterr()  # drop the fixture's own progress output
+    code = main(["evaluate", "--run-dir", str(run), "--model", str(other), "--knn", knn, "--max-tokens", "200"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1

@@ -83,7 +83,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         from mlpmem.memory.train import load_memory
 
         memory = load_memory(run_dir).to(device).eval()
-        check_pairing(memory.config, model_fp, memory.config.key_layer)
+        check_pairing(memory.config, model_fp, datastore["key_layer"] if datastore else memory.config.key_layer)
     index = None
     if datastore and index_manifest:
         from mlpmem.knn.index import load_index
