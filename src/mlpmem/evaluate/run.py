@@ -76,7 +76,6 @@ def evaluate(config: EvaluateConfig) -> dict:
         return read_json(stage.dir / "results.json")
 
     device = resolve_device(config.device)
-    model = load_lm(model_path, device)
     memory = None
     if memory_manifest:
         from mlpmem.memory.model import check_pairing
@@ -84,6 +83,7 @@ def evaluate(config: EvaluateConfig) -> dict:
 
         memory = load_memory(run_dir).to(device).eval()
         check_pairing(memory.config, model_fp, datastore["key_layer"] if datastore else memory.config.key_layer)
+    model = load_lm(model_path, device)
     index = None
     if datastore and index_manifest:
         from mlpmem.knn.index import load_index
