@@ -24,6 +24,8 @@ from mlpmem import __version__
 from mlpmem.errors import UsageError
 
 MANIFEST = "manifest.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 PROGRESS = "progress.json"
 
 
@@ -33,6 +35,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the permissions a plain write would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
