@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-# Where there is no CUDA, take the CPU build of torch (a bare `torch` pulls GBs of CUDA packages).
+# Where there is no CUDA, take the CPU build of torch (a bare `torch` pulls GBs of CUDA packages) from PyTorch's
+# CPU index when it answers within 5 s; otherwise the registry's torch==$(TORCH_VERSION) (a local CPU wheel on
+# machines that provide one).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test test-slow install clean-demo
@@ -13,9 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then \
 		$(PY) -m pip install -q torch==$(TORCH_VERSION); \
+	elif $(PY) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/', timeout=5)" >/dev/null 2>&1; then \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION) --extra-index-url $(TORCH_CPU_INDEX); \
 	else \
-		$(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX) \
-		|| $(PY) -m pip install -q torch==$(TORCH_VERSION); \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION); \
 	fi
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
