@@ -119,8 +119,8 @@ class MemoryAugmentedLM:
     ) -> MemoryAugmentedLM:
         """The run's LM and tokenizer, its memory (``use_memory``) and/or its kNN-LM (``use_knn``).
 
-        Defaults: ``lmbda`` is the λ saved with the memory; ``knn_lmbda`` and ``knn_temperature`` are the values
-        ``mlpmem evaluate`` tuned on valid when it ran, else 0.25 and the memory's target temperature (else 10).
+        Defaults: ``lmbda``, ``knn_lmbda`` and ``knn_temperature`` are the values ``mlpmem evaluate`` tuned on
+        valid when it ran (with this memory), else the λ saved with the memory, 0.25 and the targets' temperature.
         Mismatched artifacts (another base LM, key layer or width) are refused with one line.
         """
         run_dir = Path(run_dir)
@@ -140,7 +140,7 @@ class MemoryAugmentedLM:
             check_pairing(memory.config, model_fp, key_layer, key_dim(lm, key_layer))
             if memory.config.vocab_size != lm.config.vocab_size:
                 raise UsageError(f"the memory predicts {memory.config.vocab_size} tokens, the LM {lm.config.vocab_size}")
-            lmbda = memory.config.lmbda if lmbda is None else lmbda
+            lmbda = tuned.get("lmbda", memory.config.lmbda) if lmbda is None else lmbda
         knn = None
         if use_knn:
             knn, knn_key_layer = _load_knn(run_dir, model_fp, k, nprobe)
@@ -269,7 +269,7 @@ def _load_tokenizer_if_any(lm_dir: Path) -> PreTrainedTokenizerBase | None:
 
 
 def _tuned_values(run_dir: Path, joint: bool) -> dict[str, float]:
-    """kNN λ and T tuned by a complete ``mlpmem evaluate`` of the run (empty when it has not run)."""
+    """λ (memory, when evaluated with this memory), kNN λ and T tuned by a complete ``mlpmem evaluate`` of the run."""
     manifest = Stage(run_dir, "evaluate").read()
     path = run_dir / "evaluate" / "results.json"
     if not manifest or manifest.get("status") != "complete" or not path.is_file():
@@ -279,12 +279,18 @@ def _tuned_values(run_dir: Path, joint: bool) -> dict[str, float]:
     except (ValueError, KeyError, TypeError):
         return {}
     out: dict[str, float] = {}
+    memory = Stage(run_dir, "memory").read()
+    same_memory = memory is not None and manifest["inputs"].get("memory") == memory.get("fingerprint")
+    if same_memory and systems.get("mlp-memory"):
+        out["lmbda"] = systems["mlp-memory"]["lambda"]
     knn = systems.get("knn-lm")
     if knn:
         out.update(knn_lmbda=knn["lambda"], knn_temperature=knn["temperature"])
     both = systems.get("mlp-memory+knn-lm")
     if joint and both and "weights" in both:
         out["knn_lmbda"] = both["weights"]["knn-lm"]
+        if same_memory:
+            out["lmbda"] = both["weights"]["mlp-memory"]
     return out
 
 
