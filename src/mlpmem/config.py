@@ -153,7 +153,7 @@ class GenerateConfig(StageConfig):
     repetition_penalty: float | None = Field(None, gt=0, description="HF repetition penalty (1: none)")
     memory: bool = Field(True, description="mix in the run's MLP memory")
     knn: bool = Field(False, description="mix in the run's kNN-LM (live search of its datastore)")
-    lmbda: float | None = Field(None, ge=0, le=1, description="memory weight; default: the λ saved with the memory")
+    lmbda: float | None = Field(None, ge=0, le=1, description="memory weight; default: the λ evaluate tuned, else the one saved with the memory")
     knn_lmbda: float | None = Field(None, ge=0, le=1, description="kNN-LM weight; default: tuned by evaluate, else 0.25")
     knn_temperature: float | None = Field(None, gt=0, description="T of p_kNN; default: tuned by evaluate, else the targets' T")
     k: int = Field(256, ge=1, description="neighbours retrieved per token for kNN-LM")

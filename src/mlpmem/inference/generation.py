@@ -1,7 +1,7 @@
 """Generation with the MLP memory (and/or kNN-LM) through transformers' own ``generate``.
 
     from mlpmem.inference.generation import MemoryAugmentedLM
-    mlm = MemoryAugmentedLM.from_run("runs/demo")                 # base LM + memory, λ saved with the memory
+    mlm = MemoryAugmentedLM.from_run("runs/demo")                 # base LM + memory, λ as tuned by evaluate
     print(mlm.generate("The history of", max_new_tokens=30, do_sample=True, top_p=0.9))
 
     mlpmem generate --run-dir runs/demo --prompt "The history of" --max-new-tokens 30
