@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 # machines that provide one).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test test-slow install clean-demo
+.PHONY: demo test test-slow lint install clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/mlpmem run configs/demo.yaml
 
-test: install
+lint: install
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+test: lint
 	$(PY) -m pytest -q
 
 test-slow: install

@@ -2,8 +2,8 @@
 
     python benchmarks/knn_bench.py --run-dir runs/wt2 [--max-tokens 200000] [--k 64] [--out]
 
-RUN must hold complete 'prepare' and 'lm' stages. Work happens in a scratch run directory (``--work-dir``,
-default a temporary one) that links to RUN's tokens and LM, so RUN's own artifacts are never touched.
+RUN must hold complete 'prepare' and 'train-lm' stages. Work happens in a scratch run directory (``--work-dir``,
+default a temporary one) holding copies of RUN's tokens and LM, so RUN's own artifacts are never touched.
 Reported ratios (targets in brackets):
   * datastore extraction tokens/s vs a plain LM forward (full model, no hook, no write) over the same windows
     (>= 0.85);
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlpmem.artifacts import environment, open_array, read_json, require_stage
+from mlpmem.artifacts import RunDir, environment
 from mlpmem.config import DatastoreConfig, IndexConfig, TargetsConfig
 from mlpmem.data.windows import Window, sliding_windows
 from mlpmem.devices import resolve_device
@@ -36,25 +36,26 @@ from mlpmem.lm.load import load_lm, max_positions, run_lm_dir
 
 
 def scratch_run(run_dir: Path, work_dir: Path, split: str, max_tokens: int | None) -> Path:
-    """A run directory whose 'prepare' and 'lm' stages point at RUN's (the split cut to ``max_tokens``)."""
-    require_stage(run_dir, "prepare", f"mlpmem prepare --run-dir {run_dir}")
-    require_stage(run_dir, "lm", f"mlpmem train-lm --run-dir {run_dir}")
-    work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / "lm").unlink(missing_ok=True)
-    (work_dir / "lm").symlink_to((run_dir / "lm").resolve(), target_is_directory=True)
-    prepare = work_dir / "prepare"
-    shutil.rmtree(prepare, ignore_errors=True)
-    prepare.mkdir()
-    for item in (run_dir / "prepare").iterdir():
-        if item.name != "manifest.json":
-            (prepare / item.name).symlink_to(item.resolve())
-    manifest = read_json(run_dir / "prepare" / "manifest.json")
-    spec = manifest["arrays"][split]
-    if max_tokens is not None and spec["shape"][0] > max_tokens:
-        spec["shape"] = [max_tokens]  # a raw memmap may map a prefix of its file
-        manifest["fingerprint"] = f"{manifest['fingerprint']}-first{max_tokens}"
-    (prepare / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return work_dir
+    """A run directory with RUN's tokens (the split cut to ``max_tokens``) and LM, registered as its own complete
+    'prepare' and 'train-lm' stages through the stage API (RUN itself is only read)."""
+    source = RunDir(run_dir)
+    prep, lm = source.require("prepare"), source.require("train-lm")
+    work = RunDir(work_dir)
+    shutil.rmtree(work.path, ignore_errors=True)
+    build = work.begin("prepare", prep.config, {})
+    shutil.copytree(source.file("prepare", "tokenizer"), build.dir / "tokenizer")
+    for name in prep.arrays:
+        tokens = source.array("prepare", name, prep)
+        tokens = tokens[:max_tokens] if name == split and max_tokens else tokens
+        out = build.add_array(name, str(tokens.dtype), tokens.shape)
+        out[:] = tokens
+        out.flush()
+    fields = ("source", "vocab_size", "tokenizer_fingerprint", "corpus_fingerprint")
+    scratch_prep = build.complete(**{f: getattr(prep, f) for f in fields})
+    build = work.begin("train-lm", lm.config, {"prepare": scratch_prep.fingerprint})
+    shutil.copytree(source.file("train-lm", "model"), build.dir / "model")
+    build.complete(model_fingerprint=lm.model_fingerprint)
+    return work.path
 
 
 def plain_forward_tokens_per_s(model: torch.nn.Module, tokens: np.ndarray, windows: list[Window], batch_size: int) -> float:
@@ -79,7 +80,7 @@ def raw_faiss_queries_per_s(run: Path, k: int, nprobe: int | None) -> float:
     """FAISS alone: every stored key searched with k neighbours in SEARCH_BATCH batches (conversion untimed)."""
     index, _ = load_index(run, use_gpu="auto")
     set_nprobe(index, nprobe)
-    keys = open_array(run, "datastore", "keys")
+    keys = RunDir(run).array("datastore", "keys")
     seconds = 0.0
     for a in range(0, len(keys), SEARCH_BATCH):
         q = np.ascontiguousarray(keys[a : a + SEARCH_BATCH], dtype=np.float32)
@@ -110,18 +111,18 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         config = DatastoreConfig(run_dir=run, split=args.split, batch_size=args.batch_size, device=args.device)
         model = load_lm(run_lm_dir(run), resolve_device(args.device))
-        context, stride = window_sizes(config, read_json(run / "lm" / "manifest.json"), max_positions(model))
-        tokens = open_array(run, "prepare", args.split)
+        context, stride = window_sizes(config, RunDir(run).require("train-lm"), max_positions(model))
+        tokens = RunDir(run).array("prepare", args.split)
         windows = sliding_windows(len(tokens), context, stride)
         plain_forward_tokens_per_s(model, tokens, windows[: 2 * args.batch_size], args.batch_size)  # warm-up
         ds = build_datastore(config)
         plain = plain_forward_tokens_per_s(model, tokens, windows, args.batch_size)
         del model
         idx = build_index(IndexConfig(run_dir=run, factory=args.factory))
-        nprobe = args.nprobe or idx["nprobe"]
+        nprobe = args.nprobe or idx.nprobe
 
         index, _ = load_index(run, use_gpu="auto")
-        keys = open_array(run, "datastore", "keys")
+        keys = RunDir(run).array("datastore", "keys")
         rows = np.sort(np.random.default_rng(0).choice(len(keys), min(args.search_queries, len(keys)), replace=False))
         queries = np.asarray(keys[rows], dtype=np.float32)
         t0 = time.time()
@@ -134,25 +135,25 @@ def main(argv: list[str] | None = None) -> dict:
         if tmp is not None:
             tmp.cleanup()
 
-    extract = ds["timings"]["tokens_per_second"]
+    extract = ds.timings["tokens_per_second"]
     results = {
         "run_dir": str(args.run_dir),
-        "entries": ds["entries"],
-        "key_dim": ds["key_dim"],
-        "context": ds["context"],
-        "stride": ds["stride"],
+        "entries": ds.entries,
+        "key_dim": ds.key_dim,
+        "context": ds.context,
+        "stride": ds.stride,
         "datastore_tokens_per_s": extract,
         "plain_forward_tokens_per_s": round(plain, 1),
         "datastore_vs_forward": round(extract / plain, 3),
-        "factory": idx["factory"],
-        "index_build_seconds": idx["timings"]["build_seconds"],
-        "index_peak_rss_mb": idx["peak_rss_mb"],
+        "factory": idx.factory,
+        "index_build_seconds": idx.timings["build_seconds"],
+        "index_peak_rss_mb": idx.peak_rss_mb,
         "k": args.k,
         "nprobe": nprobe,
         "search_queries_per_s": round(search_qps, 1),
-        "targets_queries_per_s": tg["timings"]["queries_per_second"],
+        "targets_queries_per_s": tg.timings["queries_per_second"],
         "raw_faiss_queries_per_s": round(raw, 1),
-        "targets_vs_raw_faiss": round(tg["timings"]["queries_per_second"] / raw, 3),
+        "targets_vs_raw_faiss": round(tg.timings["queries_per_second"] / raw, 3),
         "environment": environment(),
     }
     rows_out = [

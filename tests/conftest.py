@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from mlpmem.artifacts import Stage, fingerprint_obj
+from mlpmem.artifacts import RunDir, fingerprint_obj
+from mlpmem.config import PrepareConfig, TrainLMConfig
 from mlpmem.lm.load import model_fingerprint
 
 TINY_VOCAB = 96
@@ -26,13 +27,14 @@ def tiny_gpt2(vocab_size: int = TINY_VOCAB, n_positions: int = 64, seed: int = 0
 
 
 def make_tiny_run(run_dir: Path, n_train: int = 3000, n_eval: int = 600, seed: int = 0) -> Path:
-    """A run directory with complete 'prepare' (random token splits) and 'lm' (tiny GPT-2) stages.
+    """A run directory with complete 'prepare' (random token splits) and 'train-lm' (tiny GPT-2) stages, made
+    through the real stage API (``RunDir.begin`` ... ``complete``) with synthetic content.
 
     Tokens follow a noisy repeating pattern so that neighbours carry signal.
     """
     rng = np.random.default_rng(seed)
-    prepare = Stage(run_dir, "prepare")
-    prepare.begin({"corpus": "synthetic", "seed": seed}, {})
+    run = RunDir(run_dir)
+    prepare = run.begin("prepare", PrepareConfig(corpus=f"synthetic-{seed}", train_tokenizer=TINY_VOCAB * 3), {})
     for split, n in (("train", n_train), ("valid", n_eval), ("test", n_eval)):
         base = np.tile(np.arange(TINY_VOCAB // 3), n // (TINY_VOCAB // 3) + 1)[:n]
         noise = rng.integers(0, TINY_VOCAB, n)
@@ -41,13 +43,12 @@ def make_tiny_run(run_dir: Path, n_train: int = 3000, n_eval: int = 600, seed: i
         arr[:] = tokens
         arr.flush()
     tok_fp = fingerprint_obj({"synthetic_tokenizer": TINY_VOCAB})
-    prepare.complete({"vocab_size": TINY_VOCAB}, tokenizer_fingerprint=tok_fp, vocab_size=TINY_VOCAB)
+    prep = prepare.complete(source="synthetic", tokenizer_fingerprint=tok_fp, vocab_size=TINY_VOCAB)
 
-    lm = Stage(run_dir, "lm")
-    lm.begin({"synthetic": True}, {"prepare": prepare.manifest["fingerprint"]})
-    model_dir = lm.dir / "model"
-    tiny_gpt2(seed=seed).save_pretrained(model_dir)
-    lm.complete({}, model_fingerprint=model_fingerprint(model_dir), tokenizer_fingerprint=tok_fp, context=64)
+    lm_config = TrainLMConfig(n_layer=2, n_head=2, n_embd=32, context=64, seed=seed)
+    lm = run.begin("train-lm", lm_config, {"prepare": prep.fingerprint})
+    tiny_gpt2(seed=seed).save_pretrained(lm.dir / "model")
+    lm.complete(model_fingerprint=model_fingerprint(lm.dir / "model"))
     return run_dir
 
 

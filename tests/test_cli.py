@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlpmem.cli import STAGE_FUNCTIONS, build_parser, main
-from mlpmem.config import STAGES, RunConfig, load_yaml, to_yaml, validate
+from mlpmem.cli import build_parser, main
+from mlpmem.config import load_yaml, to_yaml, validate
+from mlpmem.stages import STAGES, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,22 +18,26 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-def test_help_lists_every_stage(capsys):
+def test_help_lists_every_stage_with_its_help_line(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
-    out = capsys.readouterr().out
-    for name in ["run", *STAGES]:
-        assert name in out
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    text = "\n".join(lines)
+    for spec in STAGES:  # each command on its own line, followed by the table's help line
+        assert any(line.startswith(spec.name) for line in lines), spec.name
+        assert " ".join(spec.help.split()[:3]) in text, spec.name
+    assert any(line.startswith("run ") for line in lines) and any(line.startswith("verify ") for line in lines)
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_stage_help_lists_every_field(stage, capsys):
+@pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.name)
+def test_stage_help_lists_every_field_with_its_type(spec, capsys):
     with pytest.raises(SystemExit):
-        build_parser().parse_args([stage, "--help"])
+        build_parser().parse_args([spec.name, "--help"])
     out = capsys.readouterr().out
-    for name in STAGES[stage].model_fields:
+    for name in spec.config.model_fields:
         assert f"--{name.replace('_', '-')}" in out
-    assert stage in STAGE_FUNCTIONS
+    assert "VALUE" not in out  # every flag shows its type or choices
+    assert callable(spec.function())
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -42,11 +47,11 @@ def test_shipped_configs_validate(path):
         run.stage_config(stage)
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_stage_config_yaml_round_trips(stage):
-    data = {"tokenizer": "gpt2"} if stage == "prepare" else {}
-    config = validate(STAGES[stage], data)
-    assert validate(STAGES[stage], yaml.safe_load(to_yaml(config))) == config
+@pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.name)
+def test_stage_config_yaml_round_trips(spec):
+    data = {"tokenizer": "gpt2"} if spec.name == "prepare" else {}
+    config = validate(spec.config, data)
+    assert validate(spec.config, yaml.safe_load(to_yaml(config))) == config
 
 
 def test_unknown_flag_is_one_line(capsys):
@@ -82,6 +87,53 @@ def test_stage_before_its_inputs_says_what_to_run(tmp_path, capsys):
 def test_run_overrides_reach_the_stage_config(tmp_path):
     from mlpmem.cli import apply_overrides
 
-    data = apply_overrides(load_yaml(ROOT / "configs" / "demo.yaml"), ["--train-lm.max-steps", "7", "--stages", "prepare"])
+    data = apply_overrides(load_yaml(ROOT / "configs" / "demo.yaml"),
+                           ["--train-lm.max-steps", "7", "--stages", "prepare", "train-lm", "--evaluate.lmbdas", "0.8", "0.9"])
     run = validate(RunConfig, data)
-    assert run.stage_config("train-lm").max_steps == 7 and run.stages == ["prepare"]
+    assert run.stage_config("train-lm").max_steps == 7 and run.stages == ["prepare", "train-lm"]
+    assert run.stage_config("evaluate").lmbdas == [0.8, 0.9]
+
+
+def test_a_typo_for_a_stage_not_run_is_still_refused(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", str(ROOT / "configs" / "demo.yaml"), "--run_dir", str(tmp_path / "r"),
+                           "--train_lm.bogus_key", "5", "--stages", "prepare")
+    assert code == 2 and "--train_lm.bogus-key: unknown key" in err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["evaluate", "--lmbdas", "0.5", "1.5"], "less than or equal to 1"),
+    (["evaluate", "--lmbdas", "nan"], "finite number"),
+    (["evaluate", "--knn-temperatures", "0"], "greater than 0"),
+    (["train-lm", "--lr", "inf"], "finite number"),
+    (["bench", "--datastore-sizes", "0"], "greater than or equal to 1000"),
+    (["train-memory", "--key-layer", "x", "--key-depth", "0.7"], "not both"),
+])
+def test_bad_values_are_refused_before_any_work(argv, message, tmp_path, capsys):
+    code, _, err = run_cli(capsys, *argv, "--run-dir", str(tmp_path / "r"))
+    assert code == 2 and message in err and err.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
+def test_a_config_path_that_is_a_directory_or_binary_is_one_line(tmp_path, capsys):
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00binary")
+    for path, message in ((tmp_path, "is a directory"), (tmp_path / "bin.yaml", "not UTF-8")):
+        code, _, err = run_cli(capsys, "run", str(path))
+        assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_version_and_python_dash_m(capsys):
+    import subprocess
+    import sys
+
+    from mlpmem import __version__
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["-V"])
+    assert capsys.readouterr().out.strip() == f"mlpmem {__version__}"
+    out = subprocess.run([sys.executable, "-m", "mlpmem", "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"mlpmem {__version__}"
+
+
+def test_actions_without_run_dir_say_which_to_pass(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "bench", "--quick")
+    assert code == 2 and "pass --run-dir RUN" in err and err.count("\n") == 1

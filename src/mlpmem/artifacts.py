@@ -1,49 +1,83 @@
-"""Run directories, stage manifests, fingerprints, atomic writes and chunk-resumable memmaps.
+"""Run directories: typed stage manifests, content hashes, atomic writes, resumable memmaps, safe swaps, a lock.
 
-A run directory holds one folder per stage. Each folder has ``manifest.json``: stage, config, fingerprints of
-its inputs, package version, counts, arrays (dtype, shape, file), timings and status. A stage is complete only
-when its manifest says so; arrays are raw memmaps (no header: dtype and shape live in the manifest).
+A run directory holds one folder per stage (its name is the stage's CLI command). Each folder has
+``manifest.json``, a typed pydantic model (``mlpmem.manifests``): stage, config, fingerprints of its inputs,
+environment, every array (file, dtype, shape) and, once complete, the size and sha256 of every file. A stage is
+built in ``NAME.partial/`` and swapped into ``NAME/`` only when complete, so a refused, failed or killed command
+never touches the finished version; a rerun with the same config and inputs resumes the partial build.
+
+    run = RunDir("runs/demo")
+    datastore = run.require("datastore")            # typed manifest, or "run `mlpmem datastore ...` first"
+    keys = run.array("datastore", "keys")           # read-only memmap, size checked against its shape
+    build = run.begin("targets", config, {"datastore": datastore.fingerprint})
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import platform
 import shutil
+import socket
+import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mlpmem import __version__
 from mlpmem.errors import UsageError
 
 MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+PARTIAL = ".partial"
+LOCK = ".lock"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-PROGRESS = "progress.json"
+
+
+# writing ----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Turn a full disk (or a file-size limit) while writing ``path`` into one UsageError line."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise UsageError(f"no space left writing {path} ({os.strerror(err.errno)}); free space and rerun to resume") from None
+        if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise UsageError(f"cannot write {path}: {os.strerror(err.errno)}") from None
+        raise
+    except RuntimeError as err:  # torch and FAISS report failed writes as RuntimeError
+        text = str(err).lower()
+        if any(s in text for s in ("no space", "file too large", "failed writing", "write failed", "fwrite", "disk quota")):
+            raise UsageError(f"no space left writing {path}; free space and rerun to resume") from None
+        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file and rename, so readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the permissions a plain write would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with disk_errors(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the permissions a plain write would
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -54,32 +88,58 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def remove_temp_files(folder: Path) -> None:
+    """Delete the ``*.tmp`` files and folders a killed write left behind."""
+    for path in Path(folder).rglob("*.tmp"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+# fingerprints -----------------------------------------------------------------------------------------------
 def fingerprint_obj(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj`` (16 hex digits)."""
     text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def fingerprint_path(path: Path) -> str:
-    """sha256 over a file, or over a directory's relative names and file contents (16 hex digits).
+_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: each file is hashed once per process
 
-    Hidden files and ``checkpoints/`` folders are skipped: they do not define what a model is.
-    """
+
+def file_sha256(path: Path) -> str:
+    """Full sha256 of a file's content (cached per process while size and mtime stay the same)."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def content_files(folder: Path) -> list[Path]:
+    """The files that define a folder's content: hidden files, progress and checkpoints/ are skipped."""
+    folder = Path(folder)
+    return [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+        and p.name not in (MANIFEST, PROGRESS)
+        and not any(part.startswith(".") or part == "checkpoints" for part in p.relative_to(folder).parts)
+    ]
+
+
+def fingerprint_path(path: Path) -> str:
+    """sha256 over a file, or over a directory's relative names and file contents (16 hex digits)."""
     path = Path(path)
-    if path.is_file():
-        files = [(path.name, path)]
-    else:
-        files = [
-            (str(p.relative_to(path)), p)
-            for p in sorted(path.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") or part == "checkpoints" for part in p.relative_to(path).parts)
-        ]
+    files = [(path.name, path)] if path.is_file() else [(str(p.relative_to(path)), p) for p in content_files(path)]
     h = hashlib.sha256()
     for name, file in files:
         h.update(name.encode())
-        with open(file, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        h.update(file_sha256(file).encode())
     return h.hexdigest()[:16]
 
 
@@ -94,104 +154,395 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def environment() -> dict[str, str | None]:
+class Environment(BaseModel):
     """What produced an artifact: package version and commit, Python and torch versions, platform."""
-    import torch
 
-    return {
-        "mlpmem": __version__,
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
+    mlpmem: str
+    git_commit: str | None = None
+    python: str
+    torch: str
+    platform: str
+
+    @classmethod
+    def current(cls) -> Environment:
+        import torch
+
+        return cls(mlpmem=__version__, git_commit=git_commit(), python=platform.python_version(),
+                   torch=torch.__version__, platform=platform.platform())
 
 
-@dataclass
-class ArraySpec:
-    """A raw memmap file in a stage folder: its name, dtype and shape."""
+def environment() -> dict[str, str | None]:
+    return Environment.current().model_dump()
 
+
+# manifests --------------------------------------------------------------------------------------------------
+def _plain_name(name: str) -> str:
+    """A relative path that stays inside its folder (no absolute paths, no '..')."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or any(p in ("..", "") for p in parts) or "\\" in name:
+        raise ValueError(f"file name {name!r} must stay inside its stage folder")
+    return name
+
+
+class ArraySpec(BaseModel):
+    """A raw memmap file in a stage folder: its name, dtype and shape (the file has no header)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
     file: str
     dtype: str
     shape: list[int]
 
-    def open(self, folder: Path, mode: str = "r") -> np.memmap:
-        return np.memmap(Path(folder) / self.file, dtype=np.dtype(self.dtype), mode=mode, shape=tuple(self.shape))
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        return _plain_name(v)
 
-
-@dataclass
-class Stage:
-    """One stage folder of a run directory, and its manifest.
-
-    ``begin`` decides between skip (complete with the same config and inputs), resume (started with the same
-    config and inputs) and a fresh start (anything else: stale outputs are removed).
-    """
-
-    run_dir: Path
-    name: str
-    manifest: dict[str, Any] = field(default_factory=dict)
-    started: float = field(default_factory=time.time)
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        try:
+            np.dtype(v)
+        except TypeError:
+            raise ValueError(f"unknown dtype {v!r}") from None
+        return v
 
     @property
-    def dir(self) -> Path:
-        return Path(self.run_dir) / self.name
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
-    def read(self) -> dict[str, Any] | None:
-        path = self.dir / MANIFEST
-        return read_json(path) if path.exists() else None
+    def open(self, folder: Path, mode: str = "r") -> np.memmap:
+        """The memmap; UsageError naming the file when it is missing or its size does not match the shape."""
+        path = Path(folder) / self.file
+        if mode == "r":
+            size = path.stat().st_size if path.is_file() else None
+            if size != self.nbytes:
+                found = "missing" if size is None else f"{size:,} bytes"
+                raise UsageError(f"{path} is {found}, its manifest says {self.nbytes:,} (shape {self.shape}, {self.dtype}); rerun the stage")
+        if self.nbytes == 0:
+            return np.zeros(self.shape, dtype=self.dtype)
+        return np.memmap(path, dtype=np.dtype(self.dtype), mode=mode, shape=tuple(self.shape))
 
-    def begin(self, config: dict[str, Any], inputs: dict[str, str]) -> str:
-        """Returns 'complete', 'resume' or 'fresh'; writes a 'running' manifest unless complete."""
-        identity = {"config": config, "inputs": inputs}
-        old = self.read()
-        if old is not None and fingerprint_obj({"config": old.get("config"), "inputs": old.get("inputs")}) == fingerprint_obj(identity):
-            self.manifest = old
-            if old.get("status") == "complete":
-                return "complete"
-            return "resume"
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
-        self.manifest = {
-            "stage": self.name,
-            "status": "running",
-            "config": config,
-            "inputs": inputs,
-            "environment": environment(),
-            "arrays": {},
-            "counts": {},
-            "timings": {},
-        }
-        self.save()
-        return "fresh"
+
+class FileRecord(BaseModel):
+    """Size and content hash of one file of a complete stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    bytes: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """What every stage records; ``mlpmem.manifests`` adds each stage's own typed fields (and its config type).
+
+    ``fingerprint`` (set at completion, over config, inputs and file hashes) is what downstream stages record
+    in their ``inputs``; ``checksum`` covers the manifest itself, so an edited or damaged manifest is refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    stage: str
+    status: Literal["running", "complete"] = "running"
+    config: Any = None
+    inputs: dict[str, str] = Field(default_factory=dict)
+    environment: Environment
+    arrays: dict[str, ArraySpec] = Field(default_factory=dict)
+    files: dict[str, FileRecord] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    fingerprint: str | None = None
+    checksum: str | None = None
+
+    @field_validator("files")
+    @classmethod
+    def _files_inside(cls, files: dict[str, FileRecord]) -> dict[str, FileRecord]:
+        for name in files:
+            _plain_name(name)
+        return files
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    def summary(self) -> dict[str, Any]:
+        """Counts worth a column in the end-of-run summary (each stage's manifest names its own)."""
+        return {}
+
+    def body(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"checksum"})
+
+    def compute_checksum(self) -> str:
+        return fingerprint_obj(self.body())
+
+
+# the run directory ------------------------------------------------------------------------------------------
+class RunDir:
+    """One run directory: typed access to its stage manifests and arrays, and the builder of new stages."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def folder(self, stage: str) -> Path:
+        return self.path / stage
+
+    def partial_folder(self, stage: str) -> Path:
+        return self.path / f"{stage}{PARTIAL}"
+
+    # reading ------------------------------------------------------------------------------------------------
+    def read(self, stage: str, folder: Path | None = None) -> Manifest | None:
+        """The typed manifest of a stage folder (the finished one by default); None when it has none.
+
+        UsageError when the manifest is not valid JSON, fails its schema or its checksum (edited or damaged).
+        """
+        from mlpmem.stages import stage_spec
+
+        self.recover(stage)
+        path = (folder or self.folder(stage)) / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            data = read_json(path)
+            manifest = stage_spec(stage).manifest.model_validate(data)
+        except ValidationError as err:
+            e = err.errors()[0]
+            reason = f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+            raise UsageError(f"{path} is not a valid {stage} manifest ({reason}); rerun `mlpmem {stage}` or remove the folder") from None
+        except ValueError:
+            reason = "not JSON"
+            raise UsageError(f"{path} is not a valid {stage} manifest ({reason}); rerun `mlpmem {stage}` or remove the folder") from None
+        if manifest.checksum != manifest.compute_checksum():
+            raise UsageError(f"{path} was modified or damaged (its checksum does not match); rerun `mlpmem {stage}` or remove the folder")
+        if "run_dir" in type(manifest.config).model_fields:  # not stored: a run directory may be moved
+            manifest.config = manifest.config.model_copy(update={"run_dir": self.path})
+        return manifest
+
+    def complete(self, stage: str) -> Manifest | None:
+        """The stage's complete manifest, None when the stage was never built.
+
+        A folder that exists without a complete manifest is an error, not an absent stage: results must not
+        silently lose rows because a manifest was deleted.
+        """
+        manifest = self.read(stage)
+        if manifest is None and not self.folder(stage).exists():
+            return None
+        if manifest is None or not manifest.complete:
+            raise UsageError(f"{self.folder(stage)} has no complete manifest; rerun `mlpmem {stage} --run-dir {self.path}` or remove the folder")
+        self.check_files(stage, manifest, hashes="small")
+        return manifest
+
+    def require(self, stage: str) -> Manifest:
+        """The complete typed manifest of an upstream stage (files checked), or what to run first."""
+        manifest = self.read(stage)
+        if manifest is None or not manifest.complete:
+            raise UsageError(f"{self.folder(stage)} is missing or incomplete; run `mlpmem {stage} --run-dir {self.path}` first")
+        self.check_files(stage, manifest, hashes="small")
+        self.check_not_stale(stage, manifest)
+        return manifest
+
+    def check_files(self, stage: str, manifest: Manifest, hashes: Literal["none", "small", "all"] = "small") -> None:
+        """Every recorded file exists with its size; content hashes too (``small``: every file but raw arrays)."""
+        folder = self.folder(stage)
+        arrays = {spec.file for spec in manifest.arrays.values()}
+        for name, record in manifest.files.items():
+            path = folder / name
+            if not path.is_file():
+                raise UsageError(f"{path} is missing; rerun `mlpmem {stage} --run-dir {self.path}`")
+            size = path.stat().st_size
+            if size != record.bytes:
+                raise UsageError(f"{path} has {size:,} bytes, its manifest says {record.bytes:,} (truncated or replaced); rerun `mlpmem {stage}`")
+            if hashes == "all" or (hashes == "small" and name not in arrays):
+                if file_sha256(path) != record.sha256:
+                    raise UsageError(f"{path} does not match its recorded content hash (corrupted or replaced); rerun `mlpmem {stage}`")
+
+    def check_not_stale(self, stage: str, manifest: Manifest) -> None:
+        """A stage built from an upstream version that has since been rebuilt is refused."""
+        from mlpmem.stages import stage_spec
+
+        for upstream in stage_spec(stage).upstream:
+            recorded = manifest.inputs.get(upstream)
+            if recorded is None:
+                continue
+            current = self.read(upstream)
+            if current is None or current.fingerprint != recorded:
+                raise UsageError(f"{self.folder(stage)} was built from another version of {upstream}; rerun `mlpmem {stage} --run-dir {self.path}`")
+
+    def array(self, stage: str, name: str, manifest: Manifest | None = None) -> np.memmap:
+        """A read-only memmap of an array of a complete stage."""
+        manifest = manifest or self.require(stage)
+        if name not in manifest.arrays:
+            raise UsageError(f"{self.folder(stage) / MANIFEST} records no array {name!r}; rerun `mlpmem {stage}`")
+        return manifest.arrays[name].open(self.folder(stage))
+
+    def file(self, stage: str, name: str) -> Path:
+        """The path of a file of a stage; names from manifests never leave the stage folder."""
+        folder = self.folder(stage).resolve()
+        try:
+            path = (folder / _plain_name(name)).resolve()
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        if folder not in path.parents:
+            raise UsageError(f"file name {name!r} must stay inside its stage folder {folder} (a link leads out)")
+        return path
+
+    # building -----------------------------------------------------------------------------------------------
+    def _same_identity(self, stage: str, manifest: Manifest | None, config: Any, inputs: dict[str, str]) -> bool:
+        from mlpmem.stages import stage_spec
+
+        if manifest is None:
+            return False
+        recorded = {"config": stage_spec(stage).config.identity_of(manifest.config), "inputs": manifest.inputs}
+        return fingerprint_obj(recorded) == fingerprint_obj({"config": config.identity(), "inputs": inputs})
+
+    def reusable(self, stage: str, config: Any, inputs: dict[str, str]) -> Manifest | None:
+        """The stage's complete manifest when it was built with the same config identity and inputs (files
+        checked), else None. Lets a stage return early before loading anything heavy."""
+        final = self.read(stage)
+        if final is not None and final.complete and self._same_identity(stage, final, config, inputs):
+            self.check_files(stage, final, hashes="small")
+            return final
+        return None
+
+    def begin(self, stage: str, config: Any, inputs: dict[str, str]) -> StageBuild:
+        """Skip (complete with the same config identity and inputs), resume a partial build, or start one.
+
+        Nothing in the finished ``STAGE/`` folder is touched: a new version is built in ``STAGE.partial/``.
+        """
+        from mlpmem.stages import stage_spec
+
+        spec = stage_spec(stage)
+        if (final := self.reusable(stage, config, inputs)) is not None:
+            return StageBuild(self, stage, final, self.folder(stage), "complete")
+        if self.folder(stage).is_symlink():
+            raise UsageError(f"{self.folder(stage)} is a link to {os.readlink(self.folder(stage))}, shared with another run: "
+                             f"refusing to rebuild it (use the config it was built with, or replace the link by a folder)")
+        partial_dir = self.partial_folder(stage)
+        partial = self.read(stage, partial_dir) if partial_dir.exists() else None
+        if partial is not None and self._same_identity(stage, partial, config, inputs) and not partial.complete:
+            remove_temp_files(partial_dir)
+            return StageBuild(self, stage, partial, partial_dir, "resume")
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        with disk_errors(partial_dir):
+            partial_dir.mkdir(parents=True)
+        manifest = spec.manifest(stage=stage, config=config.model_copy(), inputs=inputs, environment=Environment.current())
+        build = StageBuild(self, stage, manifest, partial_dir, "fresh")
+        build.save()
+        return build
+
+    def join(self, stage: str) -> StageBuild:
+        """The build another process (rank 0) began: its partial folder, or the finished stage."""
+        partial = self.read(stage, self.partial_folder(stage))
+        if partial is not None:
+            return StageBuild(self, stage, partial, self.partial_folder(stage), "resume")
+        final = self.read(stage)
+        if final is None:
+            raise UsageError(f"{self.folder(stage)}: the main process did not start the stage")
+        return StageBuild(self, stage, final, self.folder(stage), "complete" if final.complete else "resume")
+
+    def recover(self, stage: str) -> None:
+        """Finish a swap that a kill interrupted (see ``StageBuild.complete``)."""
+        old = self.path / f".{stage}.old"
+        if not old.exists():
+            return
+        final, partial = self.folder(stage), self.partial_folder(stage)
+        if not final.exists():
+            if (partial / MANIFEST).is_file() and read_json(partial / MANIFEST).get("status") == "complete":
+                os.replace(partial, final)
+            else:
+                os.replace(old, final)
+                return
+        shutil.rmtree(old, ignore_errors=True)
+
+    # locking ------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold the run directory for one command; a second command is refused, naming the holder."""
+        from filelock import FileLock, Timeout
+
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"run directory {self.path} is a file, not a folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(self.path / LOCK, timeout=0)
+            lock.acquire()
+        except Timeout:
+            holder = self.path / f"{LOCK}.holder.json"
+            who = read_json(holder) if holder.is_file() else {}
+            raise UsageError(
+                f"{self.path} is in use by `{who.get('command', 'another mlpmem command')}` "
+                f"(pid {who.get('pid', '?')} on {who.get('host', '?')}, since {who.get('since', '?')}); wait for it or use another --run-dir"
+            ) from None
+        except PermissionError:
+            raise UsageError(f"cannot write to run directory {self.path}: permission denied") from None
+        except OSError as err:
+            raise UsageError(f"cannot use run directory {self.path}: {os.strerror(err.errno or 0) or err}") from None
+        try:
+            atomic_write_json(self.path / f"{LOCK}.holder.json", {
+                "command": command, "pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv,
+            })
+            yield
+        finally:
+            (self.path / f"{LOCK}.holder.json").unlink(missing_ok=True)
+            lock.release()
+
+
+class StageBuild:
+    """A stage being built (or found complete): its folder, typed manifest and chunk progress."""
+
+    def __init__(self, run: RunDir, stage: str, manifest: Manifest, folder: Path, status: str):
+        self.run, self.stage, self.manifest, self.dir, self.status = run, stage, manifest, folder, status
+        self.started = time.time()
 
     def add_array(self, name: str, dtype: str, shape: tuple[int, ...]) -> np.memmap:
-        """Create (or reopen on resume) a raw memmap recorded in the manifest; returns it writable."""
+        """Create (or reopen on resume) a raw memmap recorded in the manifest; returns it writable.
+
+        The file's blocks are reserved up front, so a full disk fails here with one line instead of killing
+        the process (SIGBUS) when a later write reaches an unbacked page.
+        """
         spec = ArraySpec(file=f"{name}.bin", dtype=str(np.dtype(dtype)), shape=[int(s) for s in shape])
         path = self.dir / spec.file
-        if name in self.manifest["arrays"] and path.exists():
+        if self.manifest.arrays.get(name) == spec and path.is_file() and path.stat().st_size == spec.nbytes:
             return spec.open(self.dir, "r+")
-        self.manifest["arrays"][name] = spec.__dict__
+        with disk_errors(path):
+            with open(path, "wb") as fh:
+                if spec.nbytes:
+                    os.posix_fallocate(fh.fileno(), 0, spec.nbytes)
+        self.manifest.arrays = {**self.manifest.arrays, name: spec}
         self.save()
-        return spec.open(self.dir, "w+")
+        return spec.open(self.dir, "r+")
 
     def save(self) -> None:
-        atomic_write_json(self.dir / MANIFEST, self.manifest)
+        self.manifest.checksum = self.manifest.compute_checksum()
+        atomic_write_json(self.dir / MANIFEST, self.manifest.model_dump(mode="json"))
 
-    def complete(self, counts: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-        """Mark the stage complete; its fingerprint (what downstream stages record) is fixed here."""
-        self.manifest["counts"].update(counts or {})
-        self.manifest.update(extra)
-        self.manifest["timings"]["seconds"] = round(time.time() - self.started, 2)
-        self.manifest["status"] = "complete"
-        self.manifest["fingerprint"] = fingerprint_obj(
-            {k: self.manifest.get(k) for k in ("stage", "config", "inputs", "counts", "arrays")}
-        )
-        self.save()
+    def complete(self, **fields: Any) -> Manifest:
+        """Record file hashes, mark complete, and swap the build into place; returns the final manifest."""
+        for name, value in fields.items():
+            setattr(self.manifest, name, value)
+        now = time.time()
+        self.manifest.timings = {**self.manifest.timings, "seconds": round(now - self.started, 2), "completed_at": round(now, 3)}
         (self.dir / PROGRESS).unlink(missing_ok=True)
+        remove_temp_files(self.dir)
+        self.manifest.files = {
+            str(p.relative_to(self.dir)): FileRecord(bytes=p.stat().st_size, sha256=file_sha256(p)) for p in content_files(self.dir)
+        }
+        self.manifest.status = "complete"
+        self.manifest.fingerprint = fingerprint_obj({
+            "stage": self.stage, "config": self.manifest.config.identity(), "inputs": self.manifest.inputs,
+            "files": {k: v.sha256 for k, v in self.manifest.files.items()},
+        })
+        self.save()
+        shutil.rmtree(self.dir / "checkpoints", ignore_errors=True)  # kept until now: a kill before resumes from them
+        if self.dir != self.run.folder(self.stage):
+            final, old = self.run.folder(self.stage), self.run.path / f".{self.stage}.old"
+            if final.exists():
+                os.replace(final, old)
+            os.replace(self.dir, final)
+            shutil.rmtree(old, ignore_errors=True)
+            self.dir = final
         return self.manifest
 
-    # chunk-granular resume ------------------------------------------------------------------------
+    # chunk-granular resume ----------------------------------------------------------------------------------
     def done_chunks(self) -> set[int]:
         path = self.dir / PROGRESS
         return set(read_json(path)["done"]) if path.exists() else set()
@@ -200,18 +551,3 @@ class Stage:
         """Record chunk ``index`` as written (after its data was flushed)."""
         done.add(index)
         atomic_write_json(self.dir / PROGRESS, {"done": sorted(done)})
-
-
-def require_stage(run_dir: Path, name: str, hint: str) -> dict[str, Any]:
-    """The complete manifest of an upstream stage, or UsageError telling what to run first."""
-    manifest = Stage(Path(run_dir), name).read()
-    if manifest is None or manifest.get("status") != "complete":
-        raise UsageError(f"{Path(run_dir) / name} is missing or incomplete; run `{hint}` first")
-    return manifest
-
-
-def open_array(run_dir: Path, stage: str, name: str) -> np.memmap:
-    """A read-only memmap of an array recorded in a complete stage's manifest."""
-    manifest = require_stage(run_dir, stage, f"mlpmem {stage} --run-dir {run_dir}")
-    spec = ArraySpec(**manifest["arrays"][name])
-    return spec.open(Path(run_dir) / stage, "r")

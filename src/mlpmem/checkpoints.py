@@ -8,15 +8,18 @@ A checkpoint is ``STAGE/checkpoints/step-N/``: the model (``save_pretrained``, s
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-from mlpmem.artifacts import atomic_write_json, read_json
+from mlpmem.artifacts import atomic_write_json, disk_errors, read_json
+from mlpmem.errors import UsageError
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -38,8 +41,9 @@ def save_checkpoint(stage_dir: Path, step: int, model: PreTrainedModel, state: d
     root = Path(stage_dir) / "checkpoints"
     folder = root / f"step-{step}"
     shutil.rmtree(folder, ignore_errors=True)
-    model.save_pretrained(folder / "model")
-    torch.save({"step": step, "rng": rng_state(), **state}, folder / "state.pt")
+    with disk_errors(folder):
+        model.save_pretrained(folder / "model")
+        torch.save({"step": step, "rng": rng_state(), **state}, folder / "state.pt")
     atomic_write_json(root / "latest.json", {"step": step, "folder": folder.name})
     for old in root.glob("step-*"):
         if old != folder:
@@ -52,8 +56,14 @@ def load_checkpoint(stage_dir: Path, model: torch.nn.Module) -> dict[str, Any] |
     if not pointer.exists():
         return None
     folder = pointer.parent / read_json(pointer)["folder"]
-    model.load_state_dict(load_file(folder / "model" / "model.safetensors"), strict=False)
-    state = torch.load(folder / "state.pt", weights_only=True)
+    try:
+        model.load_state_dict(load_file(folder / "model" / "model.safetensors"), strict=False)
+        state = torch.load(folder / "state.pt", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"refusing to resume from {folder / 'state.pt'}: it holds objects other than tensors and plain "
+                         "values (not written by mlpmem); remove the checkpoints folder to start afresh") from None
+    except (OSError, RuntimeError, SafetensorError, KeyError) as err:
+        raise UsageError(f"the checkpoint in {folder} is damaged ({type(err).__name__}); remove it to restart the stage") from None
     set_rng_state(state["rng"])
     return state
 
@@ -63,7 +73,12 @@ def save_pretrained_atomically(model: PreTrainedModel, folder: Path, *extra: Any
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for item in (model, *extra):
-        item.save_pretrained(tmp)
+    try:
+        with disk_errors(folder):
+            for item in (model, *extra):
+                item.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)

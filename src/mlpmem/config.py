@@ -8,7 +8,7 @@ naming its flag, as one line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,14 +17,45 @@ from mlpmem.errors import UsageError
 
 Device = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Weight = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]  # a mixing weight λ
+Temperature = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # T of softmax(-d/T)
+
+
+def setting(default: Any, description: str, **kwargs: Any) -> Any:
+    """A field that changes how a stage runs, not what it builds (device, inference batch size, threads...).
+
+    Settings are left out of a stage's identity: changing one never invalidates a complete stage.
+    """
+    extra = {"identity": False, **kwargs.pop("json_schema_extra", {})}
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 
 class StageConfig(BaseModel):
-    """Base of every stage config: unknown keys are errors, assignments are validated."""
+    """Base of every stage config: unknown keys are errors, assignments are validated, no inf/nan numbers."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
-    run_dir: Path = Field(Path("runs/default"), description="run directory; one sub-folder per stage")
+    run_dir: Path = setting(Path("runs/default"), "run directory; one sub-folder per stage", exclude=True)
+
+    @classmethod
+    def identity_fields(cls) -> set[str]:
+        """The fields that define what the stage builds (everything not declared with ``setting``)."""
+        return {
+            name for name, field in cls.model_fields.items()
+            if not (isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("identity") is False)
+        }
+
+    def identity(self) -> dict[str, Any]:
+        """This config's identity: the JSON of its identity fields."""
+        return self.model_dump(mode="json", include=self.identity_fields())
+
+    @classmethod
+    def identity_of(cls, config: StageConfig | dict[str, Any] | None) -> dict[str, Any] | None:
+        """The identity of a config recorded in a manifest (None stays None)."""
+        if config is None:
+            return None
+        data = config.model_dump(mode="json") if isinstance(config, BaseModel) else dict(config)
+        return {k: v for k, v in data.items() if k in cls.identity_fields()}
 
 
 class PrepareConfig(StageConfig):
@@ -66,7 +97,7 @@ class TrainLMConfig(StageConfig):
     eval_interval: int = Field(200, ge=1, description="steps between validation runs and checkpoints")
     eval_batches: int = Field(20, ge=1, description="validation micro-batches per validation run")
     seed: int = Field(0, description="random seed")
-    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: DType = Field("auto", description="autocast dtype: auto = bfloat16 on GPU and on CPUs with native bf16, else float32")
 
 
@@ -76,29 +107,31 @@ class EvaluateConfig(StageConfig):
     splits: list[Literal["valid", "test"]] = Field(["valid", "test"], description="splits to score")
     context: int | None = Field(None, ge=2, description="window length in tokens; default: the model's positions")
     stride: int | None = Field(None, ge=1, description="new tokens scored per window; default: context // 2")
-    batch_size: int = Field(8, ge=1, description="windows per forward pass")
+    batch_size: int = setting(8, "windows per forward pass", ge=1)
     max_tokens: int | None = Field(None, ge=2, description="score only the first N tokens of each split")
     knn: bool = Field(True, description="also evaluate kNN-LM when the run has a datastore and index")
     memory: bool = Field(True, description="also evaluate the MLP memory when the run has one")
     k: int = Field(256, ge=1, description="neighbours retrieved per token for kNN-LM")
     nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
     rerank: bool = Field(False, description="re-rank IVF-PQ neighbours with exact distances from stored keys")
-    knn_temperatures: list[float] = Field([1.0, 2.0, 5.0, 10.0, 20.0, 50.0], description="T grid tuned on valid")
-    lmbdas: list[float] = Field(
-        [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], description="λ grid tuned on valid"
+    knn_temperatures: list[Temperature] = Field(
+        [1.0, 2.0, 5.0, 10.0, 20.0, 50.0], min_length=1, description="T grid tuned on valid"
     )
-    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    lmbdas: list[Weight] = Field(
+        [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], min_length=1, description="λ grid tuned on valid"
+    )
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
 class DatastoreConfig(StageConfig):
     split: Literal["train", "valid", "test"] = Field("train", description="split whose keys are stored")
     context: int | None = Field(None, ge=2, description="window length; default: the LM's positions")
     stride: int | None = Field(None, ge=1, description="new keys per window; default: context // 2")
-    batch_size: int = Field(8, ge=1, description="windows per forward pass")
+    batch_size: int = setting(8, "windows per forward pass", ge=1)
     key_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of stored keys")
     key_layer: str | None = Field(None, description="module path whose output is the key; default: found per family")
     chunk_windows: int = Field(256, ge=1, description="windows per resumable chunk")
-    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
 class IndexConfig(StageConfig):
@@ -121,6 +154,13 @@ class TargetsConfig(StageConfig):
 
 class TrainMemoryConfig(StageConfig):
     mode: Literal["offline", "online"] = Field("offline", description="keys from the datastore, or recomputed by the LM")
+    key_layer: str | None = Field(
+        None, description="LM module whose output is the memory's key (online mode); default: the datastore's key layer"
+    )
+    key_depth: float | None = Field(
+        None, gt=0, le=1, description="or: the feed-forward input of the block at this share of the LM's depth (online mode; "
+        "the paper's later version finds ~0.7 best)",
+    )
     n_blocks: int = Field(4, ge=1, description="residual FFN blocks")
     hidden_size: int | None = Field(None, ge=8, description="memory width; default: the key width")
     ffn: Literal["gelu", "swiglu"] = Field("gelu", description="block type: GELU 4x (GPT-2 style) or SwiGLU")
@@ -137,8 +177,14 @@ class TrainMemoryConfig(StageConfig):
     valid_size: int = Field(8192, ge=0, description="held-out datastore entries for validation loss")
     lmbda: float = Field(0.25, ge=0, le=1, description="default mixing weight saved with the memory")
     seed: int = Field(0, description="random seed")
-    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: DType = Field("auto", description="autocast dtype: auto = bfloat16 on GPU and on CPUs with native bf16, else float32")
+
+    @model_validator(mode="after")
+    def _one_key_choice(self) -> TrainMemoryConfig:
+        if self.key_layer is not None and self.key_depth is not None:
+            raise ValueError("give --key-layer or --key-depth, not both")
+        return self
 
 
 class GenerateConfig(StageConfig):
@@ -159,7 +205,7 @@ class GenerateConfig(StageConfig):
     k: int = Field(256, ge=1, description="neighbours retrieved per token for kNN-LM")
     nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
     seed: int = Field(0, description="random seed (sampling)")
-    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
 class BenchConfig(StageConfig):
@@ -169,9 +215,10 @@ class BenchConfig(StageConfig):
     quick: bool = Field(
         False, description="small sizes and few tokens (fields you set yourself are kept): minutes on 2 CPU cores"
     )
-    datastore_sizes: list[int] = Field(
+    datastore_sizes: list[Annotated[int, Field(ge=1_000)]] = Field(
         [10_000, 100_000, 1_000_000, 10_000_000, 50_000_000],
-        description="synthetic datastore sizes (entries) kNN-LM is timed at; the run's own datastore is added when it has one",
+        min_length=1,
+        description="synthetic datastore sizes (entries, >= 1000) kNN-LM is timed at; the run's own datastore is added when it has one",
     )
     k: int = Field(1024, ge=1, description="neighbours retrieved per token for kNN-LM")
     nprobe: int = Field(32, ge=1, description="IVF lists searched")
@@ -189,42 +236,7 @@ class BenchConfig(StageConfig):
     threads: int | None = Field(None, ge=1, description="CPU threads for torch and FAISS; default: their own")
     keep_indexes: bool = Field(False, description="keep the synthetic indexes under OUT_DIR/work (else deleted after timing)")
     seed: int = Field(0, description="seed of the synthetic keys, values and inputs")
-    device: Device = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
-
-
-STAGES: dict[str, type[StageConfig]] = {
-    "prepare": PrepareConfig,
-    "train-lm": TrainLMConfig,
-    "datastore": DatastoreConfig,
-    "index": IndexConfig,
-    "targets": TargetsConfig,
-    "train-memory": TrainMemoryConfig,
-    "evaluate": EvaluateConfig,
-    "generate": GenerateConfig,
-    "bench": BenchConfig,
-}
-
-
-class RunConfig(BaseModel):
-    """A whole pipeline: ``run_dir``, the stages to run in order, and one section per stage."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    run_dir: Path = Field(Path("runs/default"), description="run directory shared by every stage")
-    stages: list[Literal["prepare", "train-lm", "datastore", "index", "targets", "train-memory", "evaluate"]]
-    prepare: dict[str, Any] = Field(default_factory=dict)
-    train_lm: dict[str, Any] = Field(default_factory=dict)
-    datastore: dict[str, Any] = Field(default_factory=dict)
-    index: dict[str, Any] = Field(default_factory=dict)
-    targets: dict[str, Any] = Field(default_factory=dict)
-    train_memory: dict[str, Any] = Field(default_factory=dict)
-    evaluate: dict[str, Any] = Field(default_factory=dict)
-
-    def stage_config(self, stage: str) -> StageConfig:
-        """The typed config of one stage, with the shared run_dir."""
-        section = dict(getattr(self, stage.replace("-", "_")))
-        section.setdefault("run_dir", self.run_dir)
-        return validate(STAGES[stage], section, prefix=stage.replace("-", "_") + ".")
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
 def describe_errors(err: ValidationError, prefix: str = "") -> str:
@@ -253,6 +265,12 @@ def load_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"config file {path} is a directory, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not UTF-8 text (a binary file?)") from None
+    except PermissionError:
+        raise UsageError(f"config file {path} cannot be read: permission denied") from None
     except yaml.YAMLError as err:
         raise UsageError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if data is None:

@@ -1,31 +1,65 @@
-"""The end-of-pipeline summary: results table, sizes and stage times of a run directory."""
+"""The end-of-pipeline summary (results table, then each stage's status, counts and times) and ``mlpmem verify``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mlpmem.artifacts import MANIFEST, read_json
-from mlpmem.evaluate.report import format_table
+from mlpmem.artifacts import RunDir
+from mlpmem.errors import UsageError
+from mlpmem.stages import BUILD_STAGES
 
-STAGE_ORDER = ("prepare", "lm", "datastore", "index", "targets", "memory", "evaluate")
+
+def _fmt(value: object) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
-def print_run_summary(run_dir: Path, wall_times: dict[str, float]) -> None:
-    """Print the evaluation table, then each stage's status, size and time."""
-    run_dir = Path(run_dir)
-    results = run_dir / "evaluate" / "results.json"
-    if results.exists():
-        data = read_json(results)
-        print(f"\nPerplexity ({data['tokens']} tokens; λ and T tuned on {data['tuned_on']}):")
-        print(format_table(data["systems"]))
-    print(f"\n{'stage':<10} {'status':<9} {'built in':>9} {'this run':>9}  counts")
-    for stage in STAGE_ORDER:
-        path = run_dir / stage / MANIFEST
-        if not path.exists():
+def print_run_summary(run_dir: Path, wall_times: dict[str, float], reused: set[str] = frozenset()) -> None:
+    """Print the evaluation table, then each stage's status, what it holds and how long it took."""
+    from mlpmem.evaluate.report import format_results
+
+    run = RunDir(run_dir)
+    evaluate = run.read("evaluate")
+    if evaluate is not None and evaluate.complete:
+        print("\n" + format_results(evaluate))
+    print(f"\n{'stage':<13} {'status':<9} {'built in':>9} {'this run':>9}  counts")
+    for stage in BUILD_STAGES:
+        manifest = run.read(stage)
+        if manifest is None:
             continue
-        m = read_json(path)
-        built = m.get("timings", {}).get("seconds")
-        cli_name = {"lm": "train-lm", "memory": "train-memory"}.get(stage, stage)
-        now = wall_times.get(cli_name)
-        counts = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in m.get("counts", {}).items())
-        print(f"{stage:<10} {m.get('status', '?'):<9} {f'{built:.0f}s' if built else '-':>9} {f'{now:.1f}s' if now is not None else '-':>9}  {counts}")
+        built = manifest.timings.get("seconds")
+        now = wall_times.get(stage)
+        now_text = "reused" if stage in reused else (f"{now:.1f}s" if now is not None else "-")
+        counts = ", ".join(f"{k}={_fmt(v)}" for k, v in manifest.summary().items() if v is not None) if manifest.complete else ""
+        print(f"{stage:<13} {manifest.status:<9} {f'{built:.0f}s' if built else '-':>9} {now_text:>9}  {counts}")
+
+
+def verify(run_dir: Path) -> list[str]:
+    """Check every stage of a run: manifest checksum and schema, each file's size and content hash, array sizes
+    against shapes, and that each stage was built from the current version of its inputs. Returns the problems."""
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise UsageError(f"run directory {run.path} does not exist")
+    problems, found = [], 0
+    for stage in BUILD_STAGES:
+        if not run.folder(stage).exists() and not run.partial_folder(stage).exists():
+            continue
+        found += 1
+        try:
+            manifest = run.read(stage)
+            if manifest is None:
+                raise UsageError(f"{run.folder(stage)} has no manifest")
+            if not manifest.complete:
+                raise UsageError(f"{run.folder(stage)} is not complete (status {manifest.status})")
+            run.check_files(stage, manifest, hashes="all")
+            for name in manifest.arrays:
+                run.array(stage, name, manifest)
+            run.check_not_stale(stage, manifest)
+            print(f"{stage:<13} ok       {len(manifest.files)} files, {sum(r.bytes for r in manifest.files.values()):,} bytes")
+        except UsageError as err:
+            problems.append(str(err))
+            print(f"{stage:<13} PROBLEM  {err}")
+        if run.partial_folder(stage).exists():
+            print(f"{stage:<13} note     an unfinished build in {run.partial_folder(stage)} (rerun the stage to resume it)")
+    if not found:
+        raise UsageError(f"{run.path} holds no stage folders")
+    return problems

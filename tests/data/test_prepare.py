@@ -1,12 +1,11 @@
 """prepare: corpus sources, tokenizer training, token stores, bad input."""
 
-
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from mlpmem.artifacts import Stage, open_array
-from mlpmem.config import PrepareConfig
+from mlpmem.artifacts import RunDir
+from mlpmem.config import PrepareConfig, TrainLMConfig
 from mlpmem.data.corpus import bundled_wikitext2, load_corpus
 from mlpmem.data.prepare import prepare
 from mlpmem.errors import UsageError
@@ -14,11 +13,11 @@ from mlpmem.errors import UsageError
 
 def test_bundled_slice_round_trips_through_the_trained_tokenizer(tmp_path):
     manifest = prepare(PrepareConfig(run_dir=tmp_path, train_tokenizer=400))
-    assert manifest["status"] == "complete" and manifest["vocab_size"] == 400
+    assert manifest.status == "complete" and manifest.vocab_size == 400
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "prepare" / "tokenizer")
     text = bundled_wikitext2().splits["valid"]
-    ids = open_array(tmp_path, "prepare", "valid")
-    assert ids.dtype == np.uint16 and len(ids) == manifest["counts"]["valid_tokens"]
+    ids = RunDir(tmp_path).array("prepare", "valid")
+    assert ids.dtype == np.uint16 and len(ids) == manifest.split_tokens("valid")
     assert tokenizer.decode(np.asarray(ids).tolist()) == text  # byte-level BPE is lossless
 
 
@@ -26,7 +25,7 @@ def test_rerun_with_same_config_does_nothing(tmp_path):
     first = prepare(PrepareConfig(run_dir=tmp_path, train_tokenizer=300))
     mtime = (tmp_path / "prepare" / "train.bin").stat().st_mtime_ns
     second = prepare(PrepareConfig(run_dir=tmp_path, train_tokenizer=300))
-    assert second["fingerprint"] == first["fingerprint"]
+    assert second.fingerprint == first.fingerprint
     assert (tmp_path / "prepare" / "train.bin").stat().st_mtime_ns == mtime
 
 
@@ -67,6 +66,16 @@ def test_exactly_one_tokenizer_option_is_required():
 
 def test_run_with_later_stages_is_not_reprepared_with_another_tokenizer(tmp_path):
     prepare(PrepareConfig(run_dir=tmp_path, train_tokenizer=300))
-    Stage(tmp_path, "lm").begin({"x": 1}, {})
+    prep = RunDir(tmp_path).require("prepare")
+    RunDir(tmp_path).begin("train-lm", TrainLMConfig(), {"prepare": prep.fingerprint})  # a later stage, started
     with pytest.raises(UsageError, match="new --run-dir"):
         prepare(PrepareConfig(run_dir=tmp_path, train_tokenizer=320))
+
+
+def test_a_killed_prepare_is_not_taken_for_a_later_stage(tmp_path):
+    """A complete prepare and a killed re-prepare with another tokenizer (``prepare.partial``): the rerun is allowed."""
+    prepare(PrepareConfig(run_dir=tmp_path, train_tokenizer=300))
+    RunDir(tmp_path).begin("prepare", PrepareConfig(train_tokenizer=320), {})  # killed right after it began
+    assert (tmp_path / "prepare.partial" / "manifest.json").is_file()
+    manifest = prepare(PrepareConfig(run_dir=tmp_path, train_tokenizer=320))
+    assert manifest.vocab_size == 320 and not (tmp_path / "prepare.partial").exists()

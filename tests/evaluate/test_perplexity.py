@@ -1,4 +1,5 @@
-"""Sliding-window perplexity against independent references (HF loss, per-position recomputation)."""
+"""Sliding-window perplexity against independent references (HF loss, per-position recomputation, plain hooks,
+brute-force kNN), and the evaluate stage's refusals (all before its folder is touched)."""
 
 import json
 import math
@@ -6,16 +7,26 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_gpt2
 
+from mlpmem.artifacts import RunDir
+from mlpmem.cli import main
 from mlpmem.config import EvaluateConfig
 from mlpmem.data.windows import sliding_windows
 from mlpmem.errors import UsageError
 from mlpmem.evaluate.run import evaluate
 from mlpmem.evaluate.scoring import score_tokens
 from mlpmem.evaluate.tune import perplexity
+from mlpmem.memory.model import MLPMemory
 
-CPU = torch.device("cpu")
+from conftest import tiny_gpt2
+from gen_inputs import (  # noqa: F401
+    KNN_LAYER,
+    MEMORY_LAYER,
+    generation_run,
+    generation_run_template,
+    tiny_memory,
+    write_memory,
+)
 
 
 def tokens(n, seed=0):
@@ -24,7 +35,7 @@ def tokens(n, seed=0):
 
 def test_stride_equal_to_context_matches_hf_loss_on_disjoint_windows():
     model, toks, context = tiny_gpt2(), tokens(200), 32
-    scored = score_tokens(model, toks, context, context, batch_size=3, device=CPU)
+    scored = score_tokens(model, toks, context, context, batch_size=3)
     total, count = 0.0, 0
     with torch.no_grad():
         for begin in range(0, len(toks), context):
@@ -38,33 +49,168 @@ def test_stride_equal_to_context_matches_hf_loss_on_disjoint_windows():
     assert perplexity(scored.lm_log_prob) == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
-def test_overlapping_windows_match_per_position_recomputation():
+def test_overlapping_windows_match_per_position_recomputation_with_keys_of_two_layers():
     model, toks, context, stride = tiny_gpt2(), tokens(90, seed=1), 16, 5
-    scored = score_tokens(model, toks, context, stride, batch_size=4, device=CPU)
-    expected = []
+    scored = score_tokens(model, toks, context, stride, batch_size=4, key_layers=[MEMORY_LAYER, KNN_LAYER])
+    captured = {}
+    for layer in (MEMORY_LAYER, KNN_LAYER):
+        model.get_submodule(layer).register_forward_hook(lambda m, i, o, layer=layer: captured.__setitem__(layer, o))
+    expected, keys = [], {MEMORY_LAYER: [], KNN_LAYER: []}
     with torch.no_grad():
         for w in sliding_windows(len(toks), context, stride):
             for p in range(w.first_scored, w.end - 1):  # its own forward over exactly its window history
                 x = torch.from_numpy(toks[w.begin : p + 1].astype(np.int64))[None]
                 expected.append(torch.log_softmax(model(input_ids=x).logits[0, -1], -1)[int(toks[p + 1])].item())
+                for layer in keys:
+                    keys[layer].append(captured[layer][0, -1].numpy())
     np.testing.assert_allclose(scored.lm_log_prob, expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(scored.gold, toks[1:])
+    assert set(scored.keys) == {MEMORY_LAYER, KNN_LAYER}
+    for layer, reference in keys.items():
+        assert scored.keys[layer].dtype == np.float16
+        np.testing.assert_allclose(scored.keys[layer].astype(np.float32), np.stack(reference), rtol=2e-3, atol=2e-3)
+    assert not np.allclose(scored.keys[MEMORY_LAYER], scored.keys[KNN_LAYER])
 
 
-def test_evaluate_stage_writes_results_for_the_base_lm(tiny_run):
-    results = evaluate(EvaluateConfig(run_dir=tiny_run, knn=False, memory=False, context=32, stride=16, device="cpu"))
+def test_evaluate_stage_records_results_for_the_base_lm(tiny_run):
+    manifest = evaluate(EvaluateConfig(run_dir=tiny_run, knn=False, memory=False, context=32, stride=16, device="cpu"))
+    assert RunDir(tiny_run).require("evaluate").model_dump() == manifest.model_dump()
     saved = json.loads((tiny_run / "evaluate" / "results.json").read_text())
-    assert saved["systems"] == results["systems"]
-    base = saved["systems"][0]
-    assert base["name"] == "base" and base["valid_ppl"] > 1 and base["test_ppl"] > 1
-    assert saved["tokens"] == {"valid": 599, "test": 599}
+    assert saved["systems"] == [s.model_dump(mode="json") for s in manifest.systems]
+    base = manifest.system("base")
+    assert [s.name for s in manifest.systems] == ["base"] and base.valid_ppl > 1 and base.test_ppl > 1
+    assert manifest.tokens == {"valid": 599, "test": 599} == saved["tokens"]
+    assert (manifest.context, manifest.stride, manifest.tuned_on) == (32, 16, "valid")
+    again = evaluate(EvaluateConfig(run_dir=tiny_run, knn=False, memory=False, context=32, stride=16, batch_size=3))
+    assert again.timings == manifest.timings  # device and batch size do not define the stage: reused
 
 
-def test_context_beyond_model_positions_is_refused(tiny_run):
-    with pytest.raises(UsageError, match="exceeds the model's 64 positions"):
+def memory_row_reference(run, manifest, split):
+    """The memory row's perplexity recomputed with one plain forward per window, the memory's key (block 0) from a
+    hook written here (rounded to fp16, as evaluate keeps keys), the mixture formed in probability space."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(run / "train-lm" / "model").eval()
+    memory = MLPMemory.from_pretrained(run / "train-memory" / "model").eval()
+    lmbda = manifest.system("mlp-memory").lmbda
+    toks = np.asarray(RunDir(run).array("prepare", split), dtype=np.int64)
+    captured = {}
+    lm.get_submodule(MEMORY_LAYER).register_forward_hook(lambda m, i, o: captured.__setitem__("key", o))
+    nll = []
+    with torch.no_grad():
+        for w in sliding_windows(len(toks), manifest.context, manifest.stride):
+            p_lm = torch.softmax(lm(torch.from_numpy(toks[w.begin : w.end])[None]).logits[0].double(), -1)  # [L, V]
+            p_mem = torch.softmax(memory(captured["key"][0].half().float()).double(), -1)
+            for pos in range(w.first_scored, w.end - 1):
+                i, gold = pos - w.begin, toks[pos + 1]
+                nll.append(-math.log((1 - lmbda) * p_lm[i, gold] + lmbda * p_mem[i, gold]))
+    return math.exp(np.mean(nll))
+
+
+def knn_row_reference(run, manifest, split, k):
+    """kNN-LM's perplexity with brute-force neighbours of block 1's keys (fp16, as stored) over the datastore."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(run / "train-lm" / "model").eval()
+    row = manifest.system("knn-lm")
+    stored = np.asarray(RunDir(run).array("datastore", "keys"), dtype=np.float32)
+    values = np.asarray(RunDir(run).array("datastore", "values"))
+    toks = np.asarray(RunDir(run).array("prepare", split), dtype=np.int64)
+    captured = {}
+    lm.get_submodule(KNN_LAYER).register_forward_hook(lambda m, i, o: captured.__setitem__("key", o))
+    nll = []
+    with torch.no_grad():
+        for w in sliding_windows(len(toks), manifest.context, manifest.stride):
+            p_lm = torch.softmax(lm(torch.from_numpy(toks[w.begin : w.end])[None]).logits[0].double(), -1)
+            queries = captured["key"][0].half().float().numpy()
+            for pos in range(w.first_scored, w.end - 1):
+                i, gold = pos - w.begin, toks[pos + 1]
+                d = ((stored - queries[i]) ** 2).sum(1)
+                top = np.argsort(d, kind="stable")[:k]
+                weights = np.exp(-(d[top] - d[top].min()) / row.temperature)
+                p_knn = weights[values[top] == gold].sum() / weights.sum()
+                nll.append(-math.log((1 - row.lmbda) * float(p_lm[i, gold]) + row.lmbda * p_knn))
+    return math.exp(np.mean(nll))
+
+
+def test_memory_and_knn_rows_read_their_own_layers_and_match_independent_references(generation_run):
+    config = EvaluateConfig(
+        run_dir=generation_run,
+        k=16,
+        knn_temperatures=[2.0, 5.0],
+        lmbdas=[0.1, 0.3, 0.6],
+        context=32,
+        stride=16,
+        device="cpu",
+    )
+    manifest = evaluate(config)
+    assert [s.name for s in manifest.systems] == ["base", "knn-lm", "mlp-memory", "mlp-memory+knn-lm"]
+    run = RunDir(generation_run)
+    assert manifest.inputs["train-memory"] == run.require("train-memory").fingerprint
+    assert manifest.inputs["datastore"] == run.require("datastore").fingerprint
+    assert manifest.inputs["index"] == run.require("index").fingerprint
+    for split in ("valid", "test"):
+        assert getattr(manifest.system("mlp-memory"), f"{split}_ppl") == pytest.approx(
+            memory_row_reference(generation_run, manifest, split), rel=1e-4
+        )
+        assert getattr(manifest.system("knn-lm"), f"{split}_ppl") == pytest.approx(
+            knn_row_reference(generation_run, manifest, split, k=16), rel=1e-4
+        )
+
+
+def assert_untouched(run):
+    assert not (run / "evaluate").exists() and not (run / "evaluate.partial").exists()
+
+
+def test_context_beyond_model_positions_is_refused_before_the_stage_is_touched(tiny_run):
+    with pytest.raises(UsageError, match="exceeds the model's 64 positions") as err:
         evaluate(EvaluateConfig(run_dir=tiny_run, knn=False, memory=False, context=128, device="cpu"))
+    assert err.value.field == "context"
+    assert_untouched(tiny_run)
+
+
+def test_k_beyond_the_datastore_is_refused_before_the_stage_is_touched(generation_run, capsys):
+    assert main(["evaluate", "--run-dir", str(generation_run), "--k", "5000", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mlpmem: error: --k: ") and "799 entries" in err and err.count("\n") == 1
+    assert_untouched(generation_run)
+
+
+def test_a_memory_giving_nan_is_one_line_not_a_nan_row(generation_run, capsys):
+    memory = tiny_memory(RunDir(generation_run).require("train-lm").model_fingerprint)
+    with torch.no_grad():
+        memory.blocks[0].ffn.up.bias.fill_(float("nan"))
+    write_memory(generation_run, memory, seed=2)
+    code = main(["evaluate", "--run-dir", str(generation_run), "--knn", "false", "--device", "cpu", "--context", "32"])
+    errors = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("mlpmem:")
+    ]  # after progress lines
+    assert code == 2 and len(errors) == 1 and ("non-finite" in errors[0] or "nan" in errors[0])
+    assert not (generation_run / "evaluate").exists()
 
 
 def test_unknown_model_is_refused(tiny_run):
     with pytest.raises(UsageError, match="model path not found"):
         evaluate(EvaluateConfig(run_dir=tiny_run, model="./no/such/model", knn=False, memory=False))
+
+
+def test_cli_prints_the_table_from_the_manifest(tiny_run, capsys):
+    args = [
+        "evaluate",
+        "--run-dir",
+        str(tiny_run),
+        "--knn",
+        "false",
+        "--memory",
+        "false",
+        "--context",
+        "32",
+        "--device",
+        "cpu",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    base = RunDir(tiny_run).require("evaluate").system("base")
+    assert out[0] == "Perplexity (valid 599, test 599 tokens; λ and T tuned on valid):"
+    assert out[2].split() == ["base", f"{base.valid_ppl:.2f}", f"{base.test_ppl:.2f}", "-", "-"]
+    assert out[3] == f"results: {tiny_run / 'evaluate' / 'results.json'}"

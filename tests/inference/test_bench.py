@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from gen_inputs import generation_run, generation_run_template  # noqa: F401
+import pytest
 
 from mlpmem.bench.synthetic import build_synthetic_index, datastore_bytes, ivfpq_geometry
 from mlpmem.cli import main
+
+from gen_inputs import KNN_LAYER, MEMORY_LAYER, generation_run, generation_run_template  # noqa: F401
 
 
 def test_synthetic_index_has_the_recipe_geometry_and_finds_neighbours():
@@ -23,9 +25,34 @@ def test_synthetic_index_has_the_recipe_geometry_and_finds_neighbours():
 
 def test_bench_quick_writes_json_plot_and_table(generation_run, tmp_path, capsys):
     out = tmp_path / "bench"
-    code = main(["bench", "--quick", "--run-dir", str(generation_run), "--out", str(out), "--device", "cpu",
-                 "--datastore-sizes", "[2000, 5000]", "--k", "64", "--new-tokens", "4", "--repeats", "1",
-                 "--optimisations", "[int8]", "--score-batch", "2", "--score-context", "16", "--threads", "1"])
+    code = main(
+        [
+            "bench",
+            "--quick",
+            "--run-dir",
+            str(generation_run),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--datastore-sizes",
+            "[2000, 5000]",
+            "--k",
+            "64",
+            "--new-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--optimisations",
+            "[int8]",
+            "--score-batch",
+            "2",
+            "--score-context",
+            "16",
+            "--threads",
+            "1",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     report = json.loads((out / "bench.json").read_text())
@@ -42,6 +69,46 @@ def test_bench_quick_writes_json_plot_and_table(generation_run, tmp_path, capsys
     # a variant runs end to end only when faithful (mean KL <= 1e-3); this tiny memory's peaked head may not be
     knn = [(r["datastore_size"], r["synthetic"]) for r in rows if r["system"] == "knn-lm"]
     assert knn == [(799, False), (2000, True), (5000, True)]  # the run's own store, then synthetic ones
-    assert report["models"]["memory_trained"] and report["models"]["decoder_equal_params"] > report["models"]["base_params"]
+    assert (
+        report["models"]["memory_trained"]
+        and report["models"]["decoder_equal_params"] > report["models"]["base_params"]
+    )
     assert report["config"]["new_tokens"] == 4 and report["config"]["prompt_tokens"] == 16  # set flags beat --quick
     assert "x base" in printed and "crossover" in printed and "hooks + mixing" in printed
+    assert f"wrote {out / 'bench.json'}" in printed
+    # the free memory was timed through its own timing wrapper; every step of it went through the mixing hook
+    overhead = report["summary"]["mixing_overhead"]
+    assert overhead["in_hook_ms"] > 0 and "hooks+mixing only" in report["decode_ms_all"]
+    assert overhead["share_of_memory_step"] == pytest.approx(
+        overhead["in_hook_ms"] / report["decode_ms_all"]["mlp-memory"], abs=1e-4
+    )
+    # the memory reads block 0, the kNN-LM queries block 1 (the run's datastore layer)
+    assert (report["models"]["memory_layer"], report["models"]["knn_layer"]) == (MEMORY_LAYER, KNN_LAYER)
+    decoder = next(r for r in rows if r["system"] == "decoder-equal-params")
+    assert (
+        decoder["params"] == report["models"]["decoder_equal_params"]
+        and decoder["layers"] > report["models"]["base_layers"]
+    )
+    own = next(r for r in rows if r["system"] == "knn-lm" and not r["synthetic"])
+    assert own["k"] == 64 and own["index"] == "Flat"
+
+
+def test_bench_refuses_prompt_and_new_tokens_beyond_positions_before_timing(generation_run, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(
+        [
+            "bench",
+            "--run-dir",
+            str(generation_run),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--prompt-tokens",
+            "40",
+            "--new-tokens",
+            "40",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "64 positions" in err and err.count("\n") == 1 and not out.exists()

@@ -1,7 +1,8 @@
 """Generation through transformers' generate with the memory (and kNN-LM) mixed in by hooks.
 
-References are computed independently: a full forward of the prefix, the key from a plain forward hook, the
-memory's and a brute-force kNN's log-probs, mixed by ``mix_log_probs`` (the evaluation path's mixing).
+References are computed independently: a full forward of the prefix, the keys from plain forward hooks (the
+memory reads block 0, the datastore block 1), the memory's and a brute-force kNN's log-probs, mixed by
+``mix_log_probs`` (the evaluation path's mixing).
 """
 
 from __future__ import annotations
@@ -9,13 +10,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gen_inputs import KEY_LAYER, generation_run, generation_run_template  # noqa: F401
 
-from mlpmem.artifacts import open_array
+from mlpmem.artifacts import RunDir
 from mlpmem.cli import main
+from mlpmem.config import EvaluateConfig
 from mlpmem.errors import UsageError
-from mlpmem.inference.generation import MemoryAugmentedLM
+from mlpmem.evaluate.run import evaluate
+from mlpmem.inference.generation import MemoryAugmentedLM, tuned_values
 from mlpmem.inference.mixing import mix_log_probs
+
+from gen_inputs import (  # noqa: F401
+    KNN_LAYER,
+    MEMORY_LAYER,
+    generation_run,
+    generation_run_template,
+    tiny_memory,
+    write_memory,
+)
 
 PROMPT = torch.tensor([[5, 6, 7, 8, 40, 41]])
 
@@ -27,23 +38,38 @@ def loaded(run, **kwargs) -> MemoryAugmentedLM:
     return mlm
 
 
-def reference_next_log_probs(mlm: MemoryAugmentedLM, prefix: torch.Tensor, knn_keys=None, knn_values=None) -> torch.Tensor:
+def datastore(run):
+    keys = np.asarray(RunDir(run).array("datastore", "keys"), dtype=np.float32)
+    return {"knn_keys": keys, "knn_values": np.asarray(RunDir(run).array("datastore", "values"))}
+
+
+def reference_next_log_probs(
+    mlm: MemoryAugmentedLM, prefix: torch.Tensor, knn_keys=None, knn_values=None
+) -> torch.Tensor:
     """Joint log-probs [V] of the token after ``prefix`` [T]: a full forward, no cache, no mixing hook."""
     captured = {}
-    handle = mlm.lm.get_submodule(KEY_LAYER).register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
+    handles = [
+        mlm.lm.get_submodule(layer).register_forward_hook(lambda m, i, o, layer=layer: captured.__setitem__(layer, o))
+        for layer in (MEMORY_LAYER, KNN_LAYER)
+    ]
     try:
         with torch.no_grad():
             logits = mlm.lm(prefix[None], use_cache=False).logits[0, -1]  # [V]
-            key = captured["h"][0, -1]  # [d]
-            parts = [torch.log_softmax(logits, -1), torch.log_softmax(mlm.memory(key[None])[0], -1)]
+            parts = [
+                torch.log_softmax(logits, -1),
+                torch.log_softmax(mlm.memory(captured[MEMORY_LAYER][0, -1][None])[0], -1),
+            ]
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     weights = [1 - mlm.lmbda - mlm.knn_lmbda, mlm.lmbda]
-    if knn_keys is not None:  # brute force: k nearest by squared L2, softmax(-d/T), summed per token
-        d = ((knn_keys - key.numpy()[None]) ** 2).sum(1)
+    if knn_keys is not None:  # brute force on block 1's key: k nearest by squared L2, softmax(-d/T), summed per token
+        d = ((knn_keys - captured[KNN_LAYER][0, -1].numpy()[None]) ** 2).sum(1)
         top = np.argsort(d, kind="stable")[: mlm.knn.k]
         w = torch.softmax(torch.from_numpy(-d[top] / mlm.knn.temperature).double(), 0)
-        p = torch.zeros(logits.shape[-1], dtype=torch.float64).index_add_(0, torch.from_numpy(knn_values[top].astype(np.int64)), w)
+        p = torch.zeros(logits.shape[-1], dtype=torch.float64).index_add_(
+            0, torch.from_numpy(knn_values[top].astype(np.int64)), w
+        )
         parts.append(p.float().log())
         weights.append(mlm.knn_lmbda)
     return mix_log_probs(parts, weights)
@@ -63,38 +89,72 @@ def greedy_steps_match_reference(mlm, sequence, n_prompt, **knn) -> int:
 
 def test_greedy_equals_argmax_of_joint_log_probs(generation_run):
     mlm = loaded(generation_run)
+    assert mlm.memory_layer == MEMORY_LAYER and mlm.key_layers == [MEMORY_LAYER]
     out = mlm.generate(PROMPT, max_new_tokens=12, do_sample=False)[0]
     assert greedy_steps_match_reference(mlm, out, PROMPT.shape[1]) >= 10
     base = mlm.lm.generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0)[0]
     assert not torch.equal(out, base), "the memory should change some choices of this tiny LM"
 
 
-def test_greedy_with_memory_and_knn_equals_brute_force_reference(generation_run):
+def test_greedy_with_memory_and_knn_on_different_layers_equals_brute_force_reference(generation_run):
     mlm = loaded(generation_run, use_knn=True, k=16, knn_lmbda=0.3, lmbda=0.3)
     assert mlm.knn.temperature == 5.0  # the memory's target temperature (no evaluate results in this run)
-    keys = np.asarray(open_array(generation_run, "datastore", "keys"), dtype=np.float32)
-    values = np.asarray(open_array(generation_run, "datastore", "values"))
+    assert (mlm.memory_layer, mlm.knn_layer) == (MEMORY_LAYER, KNN_LAYER)
     out = mlm.generate(PROMPT, max_new_tokens=10)[0]
-    assert greedy_steps_match_reference(mlm, out, PROMPT.shape[1], knn_keys=keys, knn_values=values) >= 8
+    assert greedy_steps_match_reference(mlm, out, PROMPT.shape[1], **datastore(generation_run)) >= 8
 
 
 def test_joint_log_probs_match_reference_at_every_position(generation_run):
-    mlm = loaded(generation_run)
+    mlm = loaded(generation_run, use_knn=True, k=16, knn_lmbda=0.2, lmbda=0.4)
     joint = mlm.joint_log_probs(PROMPT)[0]  # [T, V]
+    knn = datastore(generation_run)
     for t in range(1, PROMPT.shape[1] + 1):
-        torch.testing.assert_close(joint[t - 1], reference_next_log_probs(mlm, PROMPT[0, :t]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            joint[t - 1], reference_next_log_probs(mlm, PROMPT[0, :t], **knn), rtol=1e-5, atol=1e-5
+        )
     torch.testing.assert_close(joint.exp().sum(-1), torch.ones(PROMPT.shape[1]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
 def test_lambda_zero_reproduces_the_base_model(generation_run, mode):
     mlm = loaded(generation_run, lmbda=0.0)
-    kwargs = {"greedy": {}, "sample": {"do_sample": True, "top_k": 20, "temperature": 0.8}, "beam": {"num_beams": 3}}[mode]
+    kwargs = {"greedy": {}, "sample": {"do_sample": True, "top_k": 20, "temperature": 0.8}, "beam": {"num_beams": 3}}[
+        mode
+    ]
     torch.manual_seed(3)
     mixed = mlm.generate(PROMPT, max_new_tokens=10, **kwargs)
     torch.manual_seed(3)
     base = mlm.lm.generate(PROMPT, max_new_tokens=10, pad_token_id=0, **kwargs)
     assert torch.equal(mixed, base)
+
+
+def test_without_memory_or_knn_it_is_the_base_lm(generation_run, capsys):
+    mlm = loaded(generation_run, use_memory=False)
+    assert mlm.memory is None and mlm.knn is None and mlm.describe() == "base LM alone"
+    torch.manual_seed(5)
+    ours = mlm.generate(PROMPT, max_new_tokens=8, do_sample=True)
+    torch.manual_seed(5)
+    assert torch.equal(ours, mlm.lm.generate(PROMPT, max_new_tokens=8, do_sample=True, pad_token_id=0))
+    with torch.no_grad():
+        reference = torch.log_softmax(mlm.lm(PROMPT).logits.float(), -1)
+    torch.testing.assert_close(mlm.joint_log_probs(PROMPT), reference)
+    code = main(
+        [
+            "generate",
+            "--run-dir",
+            str(generation_run),
+            "--prompt",
+            "w1 w2",
+            "--memory",
+            "false",
+            "--max-new-tokens",
+            "3",
+            "--device",
+            "cpu",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0 and "base LM alone" in err and out.startswith("w1 w2 ") and len(out.split()) == 5
 
 
 def test_batched_left_padded_generation_equals_one_by_one(generation_run):
@@ -103,7 +163,10 @@ def test_batched_left_padded_generation_equals_one_by_one(generation_run):
     batched = mlm.generate(prompts, max_new_tokens=8)
     single = [mlm.generate(p, max_new_tokens=8) for p in prompts]
     assert batched == single
-    assert all(len(text.split()) == 8 for text in single)
+    for prompt, text in zip(prompts, single):  # 8 new tokens each (an <eos> among them is dropped from the text)
+        ids = mlm.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        new = mlm.generate(ids, max_new_tokens=8)[0, ids.shape[1] :]
+        assert len(new) == 8 and mlm.tokenizer.decode(new, skip_special_tokens=True) == text
 
 
 def test_memory_runs_once_per_new_token_on_one_position(generation_run):
@@ -121,27 +184,113 @@ def test_beam_search_and_sampling_run_and_sampling_is_seeded(generation_run):
     runs = []
     for _ in range(2):
         torch.manual_seed(11)
-        runs.append(mlm.generate(["w1 w2", "w50"], max_new_tokens=8, do_sample=True, top_p=0.9, top_k=30, temperature=1.3))
+        runs.append(
+            mlm.generate(["w1 w2", "w50"], max_new_tokens=8, do_sample=True, top_p=0.9, top_k=30, temperature=1.3)
+        )
     assert runs[0] == runs[1]
     torch.manual_seed(12)
     assert mlm.generate(["w1 w2", "w50"], max_new_tokens=8, do_sample=True) != runs[0]
 
 
 def test_memory_of_another_model_is_refused(generation_run):
-    import json
-
-    config = generation_run / "memory" / "model" / "config.json"
-    data = json.loads(config.read_text())
-    data["base_model_fingerprint"] = "0000000000000000"
-    config.write_text(json.dumps(data))
+    write_memory(generation_run, tiny_memory("0000000000000000"), seed=1)
     with pytest.raises(UsageError, match="base model"):
         loaded(generation_run)
 
 
+def test_memory_reading_a_module_the_lm_lacks_is_refused(generation_run):
+    fp = RunDir(generation_run).require("train-lm").model_fingerprint
+    write_memory(generation_run, tiny_memory(fp, layer="transformer.h.7.ln_2"), seed=1)
+    with pytest.raises(UsageError, match="no such module"):
+        loaded(generation_run)
+
+
+def test_tuned_values_come_from_the_evaluate_manifest_of_this_memory(generation_run):
+    manifest = evaluate(
+        EvaluateConfig(
+            run_dir=generation_run,
+            k=16,
+            knn_temperatures=[2.0, 5.0],
+            lmbdas=[0.1, 0.3, 0.6],
+            context=32,
+            stride=16,
+            device="cpu",
+        )
+    )
+    run = RunDir(generation_run)
+    fp = run.require("train-lm").model_fingerprint
+    memory_row, knn_row, both = (manifest.system(n) for n in ("mlp-memory", "knn-lm", "mlp-memory+knn-lm"))
+    assert loaded(generation_run).lmbda == memory_row.lmbda
+    knn_only = loaded(generation_run, use_memory=False, use_knn=True, k=16)
+    assert (knn_only.knn_lmbda, knn_only.knn.temperature) == (knn_row.lmbda, knn_row.temperature)
+    joint = tuned_values(run, fp, memory=True, knn=True)
+    assert (joint.lmbda, joint.knn_lmbda) == (both.weights["mlp-memory"], both.weights["knn-lm"])
+    # another memory: evaluate's λ was tuned for the old one, so the new memory's saved λ is used
+    write_memory(generation_run, tiny_memory(fp, seed=3, lmbda=0.15), seed=3)
+    assert tuned_values(run, fp, memory=True, knn=False).lmbda is None
+    assert loaded(generation_run).lmbda == 0.15
+
+
 def test_cli_prints_the_continuation(generation_run, capsys):
-    code = main(["generate", "--run-dir", str(generation_run), "--prompt", "w1 w2 w3", "--max-new-tokens", "5",
-                 "--device", "cpu"])
+    code = main(
+        [
+            "generate",
+            "--run-dir",
+            str(generation_run),
+            "--prompt",
+            "w1 w2 w3",
+            "--max-new-tokens",
+            "5",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and len(out) == 1 and out[0].startswith("w1 w2 w3 ") and len(out[0].split()) == 8
     code = main(["generate", "--run-dir", str(generation_run), "--max-new-tokens", "5"])
     assert code == 2 and "--prompt" in capsys.readouterr().err
+
+
+def test_cli_yaml_list_prompt_is_one_batch(generation_run, capsys):
+    code = main(
+        [
+            "generate",
+            "--run-dir",
+            str(generation_run),
+            "--prompt",
+            '["w1 w2", "w40"]',
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and len(out) == 2
+    assert out[0].startswith("w1 w2 ") and len(out[0].split()) == 6
+    assert out[1].startswith("w40 ") and len(out[1].split()) == 5
+    mlm = loaded(generation_run)
+    assert [mlm.generate(p, max_new_tokens=4) for p in ("w1 w2", "w40")] == [
+        o.split(" ", len(p.split()))[-1] for o, p in zip(out, ("w1 w2", "w40"))
+    ]
+
+
+def test_prompt_plus_new_tokens_beyond_the_positions_is_refused(generation_run, capsys):
+    code = main(
+        [
+            "generate",
+            "--run-dir",
+            str(generation_run),
+            "--prompt",
+            "w1 w2 w3",
+            "--max-new-tokens",
+            "62",
+            "--device",
+            "cpu",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "65" in err and "64 positions" in err
+    with pytest.raises(UsageError, match="64 positions"):
+        loaded(generation_run).generate(PROMPT, max_new_tokens=59)
+    assert loaded(generation_run).generate(PROMPT, max_new_tokens=58).shape == (1, 64)  # exactly the positions: fine

@@ -17,7 +17,9 @@ def test_log_space_mix_equals_probability_space_mix(seed):
     weights[0] = 1.0 - weights[1] - weights[2]
     expected = sum(wi * p.exp() for wi, p in zip(weights, parts)).log()
     torch.testing.assert_close(mix_log_probs(parts, weights), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(mix_with_lm(parts[0], parts[1], 0.3), (0.7 * parts[0].exp() + 0.3 * parts[1].exp()).log())
+    torch.testing.assert_close(
+        mix_with_lm(parts[0], parts[1], 0.3), (0.7 * parts[0].exp() + 0.3 * parts[1].exp()).log()
+    )
 
 
 def test_extreme_log_probs_stay_finite_where_any_component_has_mass():

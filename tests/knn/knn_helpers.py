@@ -6,20 +6,23 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpmem.artifacts import Stage
+from mlpmem.artifacts import RunDir
+from mlpmem.config import DatastoreConfig
+from mlpmem.manifests import DatastoreManifest
 
 
-def write_datastore(run_dir: Path, keys: np.ndarray, values: np.ndarray, tag: str = "synthetic") -> dict:
-    """A complete datastore stage holding ``keys`` [N, d] and ``values`` [N] (as build_datastore lays it out)."""
-    stage = Stage(run_dir, "datastore")
-    stage.begin({"synthetic": tag, "n": len(values)}, {})
-    k = stage.add_array("keys", str(keys.dtype), keys.shape)
+def write_datastore(run_dir: Path, keys: np.ndarray, values: np.ndarray, tag: str = "synthetic") -> DatastoreManifest:
+    """A complete datastore stage holding ``keys`` [N, d] and ``values`` [N] (as build_datastore lays it out),
+    written through the stage API with synthetic content."""
+    config = DatastoreConfig(key_layer=f"synthetic-{tag}-{len(values)}", key_dtype=str(keys.dtype))
+    build = RunDir(run_dir).begin("datastore", config, {})
+    k = build.add_array("keys", str(keys.dtype), keys.shape)
     k[:] = keys
     k.flush()
-    v = stage.add_array("values", "int32", values.shape)
+    v = build.add_array("values", "int32", values.shape)
     v[:] = values
     v.flush()
-    return stage.complete({"entries": len(values)}, key_dim=int(keys.shape[1]), key_layer="synthetic", entries=len(values))
+    return build.complete(model_fingerprint="synthetic", key_layer=config.key_layer)
 
 
 def random_datastore(n: int = 300, d: int = 8, vocab: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_run
 
 import mlpmem.knn.datastore as datastore_mod
-from mlpmem.artifacts import Stage, open_array
-from mlpmem.config import DatastoreConfig
+from mlpmem.artifacts import RunDir, read_json
+from mlpmem.config import DatastoreConfig, PrepareConfig, TrainLMConfig
 from mlpmem.errors import UsageError
 from mlpmem.knn.datastore import build_datastore
 from mlpmem.lm.keys import KeyHook
-from mlpmem.lm.load import load_lm, run_lm_dir
+from mlpmem.lm.load import load_lm, model_fingerprint, run_lm_dir
+
+from conftest import TINY_VOCAB, make_tiny_run, tiny_gpt2
 
 
 def hook_keys(run_dir, tokens: np.ndarray) -> np.ndarray:
@@ -33,24 +33,25 @@ def hook_keys(run_dir, tokens: np.ndarray) -> np.ndarray:
 def test_one_window_covers_the_split(tmp_path):
     run = make_tiny_run(tmp_path / "run", n_train=200, n_eval=60)
     manifest = build_datastore(DatastoreConfig(run_dir=run, split="valid", key_dtype="float32"))
-    tokens = np.asarray(open_array(run, "prepare", "valid"))
-    keys, values = open_array(run, "datastore", "keys"), open_array(run, "datastore", "values")
-    assert manifest["status"] == "complete" and manifest["entries"] == 59 and manifest["context"] == 64
-    assert manifest["key_layer"] == "transformer.h.1.ln_2" and manifest["key_dim"] == 32 and manifest["stride"] == 32
+    tokens = np.asarray(RunDir(run).array("prepare", "valid"))
+    keys, values = RunDir(run).array("datastore", "keys"), RunDir(run).array("datastore", "values")
+    assert manifest.status == "complete" and manifest.entries == 59 and manifest.context == 64 and manifest.windows == 1
+    assert manifest.key_layer == "transformer.h.1.ln_2" and manifest.key_dim == 32 and manifest.stride == 32
     assert keys.shape == (59, 32) and keys.dtype == np.float32 and values.dtype == np.int32
     np.testing.assert_array_equal(values, tokens[1:])
     np.testing.assert_allclose(keys, hook_keys(run, tokens)[:-1], rtol=1e-5, atol=1e-5)
-    lm = json.loads((run / "lm" / "manifest.json").read_text())
-    assert manifest["model_fingerprint"] == lm["model_fingerprint"]
-    assert manifest["inputs"] == {"prepare": Stage(run, "prepare").read()["fingerprint"], "lm": lm["fingerprint"]}
+    lm = RunDir(run).read("train-lm")
+    assert manifest.model_fingerprint == lm.model_fingerprint
+    assert manifest.inputs == {"prepare": RunDir(run).read("prepare").fingerprint, "train-lm": lm.fingerprint}
+    assert manifest.files["keys.bin"].bytes == 59 * 32 * 4 and not (run / "datastore.partial").exists()
 
 
 def test_sliding_windows_give_each_position_its_window(tiny_run):
     """Context 64, stride 32: position p >= 63 is keyed in the window starting at 32 * ((p - 31) // 32)."""
     manifest = build_datastore(DatastoreConfig(run_dir=tiny_run, batch_size=5, chunk_windows=7))
-    tokens = np.asarray(open_array(tiny_run, "prepare", "train"))
-    keys, values = open_array(tiny_run, "datastore", "keys"), open_array(tiny_run, "datastore", "values")
-    assert keys.dtype == np.float16 and keys.shape == (2999, 32) and manifest["entries"] == 2999
+    tokens = np.asarray(RunDir(tiny_run).array("prepare", "train"))
+    keys, values = RunDir(tiny_run).array("datastore", "keys"), RunDir(tiny_run).array("datastore", "values")
+    assert keys.dtype == np.float16 and keys.shape == (2999, 32) and manifest.entries == 2999
     np.testing.assert_array_equal(values, tokens[1:])
     for p in (0, 40, 62, 63, 64, 94, 95, 1000, 2980, 2998):
         begin = 0 if p < 63 else 32 * ((p - 31) // 32)
@@ -66,18 +67,20 @@ def test_killed_and_resumed_is_identical_and_complete_is_skipped(tmp_path, monke
     whole = make_tiny_run(tmp_path / "whole", n_train=700)
     killed = make_tiny_run(tmp_path / "killed", n_train=700)
     config = dict(context=32, stride=16, batch_size=3, chunk_windows=4)  # 2 forward batches per chunk
-    real_fill, calls, die_at = datastore_mod._fill, [], [7]
+    real_forward, calls, die_at = datastore_mod.forward_windows, [], [7]
 
-    def counting_fill(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == die_at[0]:  # inside the 4th chunk
-            raise Killed
-        return real_fill(*args, **kwargs)
+    def counting_forward(*args, **kwargs):
+        for out in real_forward(*args, **kwargs):  # one forward batch per item
+            calls.append(1)
+            if len(calls) == die_at[0]:  # inside the 4th chunk
+                raise Killed
+            yield out
 
-    monkeypatch.setattr(datastore_mod, "_fill", counting_fill)
+    monkeypatch.setattr(datastore_mod, "forward_windows", counting_forward)
     with pytest.raises(Killed):
         build_datastore(DatastoreConfig(run_dir=killed, **config))
-    assert Stage(killed, "datastore").done_chunks() == {0, 1, 2}
+    assert not (killed / "datastore").exists()
+    assert read_json(killed / "datastore.partial" / "progress.json")["done"] == [0, 1, 2]
     die_at[0] = -1
     calls.clear()
     build_datastore(DatastoreConfig(run_dir=whole, **config))
@@ -88,19 +91,70 @@ def test_killed_and_resumed_is_identical_and_complete_is_skipped(tmp_path, monke
     for name in ("keys", "values"):
         assert (killed / "datastore" / f"{name}.bin").read_bytes() == (whole / "datastore" / f"{name}.bin").read_bytes()
     calls.clear()
-    assert build_datastore(DatastoreConfig(run_dir=killed, **config))["fingerprint"] == resumed["fingerprint"]
+    assert build_datastore(DatastoreConfig(run_dir=killed, **config)).fingerprint == resumed.fingerprint
     assert calls == []  # complete: nothing recomputed
 
 
 def test_bad_inputs_are_one_line(tiny_run):
-    with pytest.raises(UsageError, match=r"--context \(128\) exceeds the model's 64 positions") as err:
+    with pytest.raises(UsageError) as err:
         build_datastore(DatastoreConfig(run_dir=tiny_run, context=128))
-    assert "\n" not in str(err.value)
-    lm = Stage(tiny_run, "lm").read()
-    lm["tokenizer_fingerprint"] = "someone-else"
-    (tiny_run / "lm" / "manifest.json").write_text(json.dumps(lm))
-    with pytest.raises(UsageError, match="another tokenizer"):
+    assert err.value.for_cli() == "--context: context (128) exceeds the model's 64 positions"
+    assert not (tiny_run / "datastore.partial").exists()  # refused before any write
+
+
+def test_lm_trained_on_another_prepare_is_refused(tiny_run):
+    """prepare rebuilt (another corpus) after train-lm: the LM no longer belongs to the run's tokens."""
+    run = RunDir(tiny_run)
+    build = run.begin("prepare", PrepareConfig(corpus="another", train_tokenizer=TINY_VOCAB * 3), {})
+    for split in ("train", "valid", "test"):
+        build.add_array(split, "uint16", (100,))[:] = np.arange(100) % TINY_VOCAB
+    build.complete(source="synthetic", tokenizer_fingerprint="another", vocab_size=TINY_VOCAB)
+    with pytest.raises(UsageError, match="train-lm was built from another version of prepare") as err:
         build_datastore(DatastoreConfig(run_dir=tiny_run))
+    assert "\n" not in str(err.value)
+
+
+def test_tokens_beyond_the_lm_vocabulary_are_refused(tmp_path):
+    run = RunDir(tmp_path / "run")
+    build = run.begin("prepare", PrepareConfig(corpus="big-vocab", train_tokenizer=TINY_VOCAB * 3), {})
+    for split in ("train", "valid", "test"):
+        build.add_array(split, "uint16", (200,))[:] = np.arange(200) % (2 * TINY_VOCAB)
+    prep = build.complete(source="synthetic", tokenizer_fingerprint="big", vocab_size=2 * TINY_VOCAB)
+    lm = run.begin("train-lm", TrainLMConfig(n_layer=2, n_head=2, n_embd=32, context=64), {"prepare": prep.fingerprint})
+    tiny_gpt2().save_pretrained(lm.dir / "model")
+    lm.complete(model_fingerprint=model_fingerprint(lm.dir / "model"))
+    with pytest.raises(UsageError, match=f"use {2 * TINY_VOCAB} ids but the LM has only {TINY_VOCAB}") as err:
+        build_datastore(DatastoreConfig(run_dir=run.path))
+    assert "\n" not in str(err.value)
+
+
+def test_lm_with_nan_weights_is_refused(tiny_run):
+    """NaN weights written into the trained LM: refused (by its content hash) before any key is stored."""
+    model = load_lm(run_lm_dir(tiny_run))
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(float("nan"))
+    model.save_pretrained(tiny_run / "train-lm" / "model")
+    with pytest.raises(UsageError, match="does not match its recorded content hash") as err:
+        build_datastore(DatastoreConfig(run_dir=tiny_run))
+    assert "\n" not in str(err.value) and not (tiny_run / "datastore.partial").exists()
+
+
+def test_nan_keys_stop_the_stage(tiny_run, monkeypatch):
+    """An LM that gives nan keys (past the load-time check): one line, nothing marked done or complete."""
+    real_load = datastore_mod.load_lm
+
+    def load_broken(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        with torch.no_grad():
+            model.transformer.h[1].ln_2.weight.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(datastore_mod, "load_lm", load_broken)
+    with pytest.raises(UsageError, match="nan/inf keys") as err:
+        build_datastore(DatastoreConfig(run_dir=tiny_run))
+    assert "\n" not in str(err.value)
+    assert not (tiny_run / "datastore").exists()
+    assert not (tiny_run / "datastore.partial" / "progress.json").exists()
 
 
 def test_unknown_key_layer_names_the_flag(tiny_run):
@@ -121,8 +175,13 @@ def test_two_processes_match_one(tmp_path):
     (tmp_path / "launch.py").write_text(script)
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(torchrun), "--nproc_per_node", "2", str(tmp_path / "launch.py"), str(two)], check=True, env=env, timeout=300)
-    assert Stage(two, "datastore").read()["status"] == "complete"
+    subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", str(tmp_path / "launch.py"), str(two)],
+        check=True,
+        env=env,
+        timeout=300,
+    )
+    assert RunDir(two).read("datastore").status == "complete"
     for name in ("keys", "values"):
         assert (one / "datastore" / f"{name}.bin").read_bytes() == (two / "datastore" / f"{name}.bin").read_bytes()
 
@@ -131,11 +190,11 @@ def test_key_layer_outside_the_backbone(tmp_path):
     """--key-layer lm_head: the full model runs (not only its backbone) and keys are the logits."""
     run = make_tiny_run(tmp_path / "run", n_train=200, n_eval=30)
     manifest = build_datastore(DatastoreConfig(run_dir=run, split="valid", key_layer="lm_head", key_dtype="float32"))
-    assert manifest["key_dim"] == 96
-    tokens = np.asarray(open_array(run, "prepare", "valid"))
+    assert manifest.key_dim == 96
+    tokens = np.asarray(RunDir(run).array("prepare", "valid"))
     with torch.no_grad():
         logits = load_lm(run_lm_dir(run))(torch.from_numpy(tokens.astype(np.int64))[None]).logits[0, :-1]
-    np.testing.assert_allclose(open_array(run, "datastore", "keys"), logits.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(RunDir(run).array("datastore", "keys"), logits.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_stride_equal_to_context_is_refused(tiny_run):
@@ -143,5 +202,6 @@ def test_stride_equal_to_context_is_refused(tiny_run):
     from mlpmem.errors import UsageError
     from mlpmem.knn.datastore import build_datastore
 
-    with pytest.raises(UsageError, match="smaller than --context"):
+    with pytest.raises(UsageError, match=r"stride \(32\) must be smaller than context \(32\)") as err:
         build_datastore(DatastoreConfig(run_dir=tiny_run, context=32, stride=32, device="cpu"))
+    assert err.value.field == "stride"

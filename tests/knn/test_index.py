@@ -5,12 +5,14 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
-from knn_helpers import random_datastore, write_datastore
 
+from mlpmem.artifacts import RunDir
 from mlpmem.config import IndexConfig
 from mlpmem.errors import UsageError
 from mlpmem.knn.index import build_index, default_factory, load_index, set_nprobe
 from mlpmem.knn.search import rerank_exact, search
+
+from knn_helpers import random_datastore, write_datastore
 
 
 def brute_force(keys, queries, k):
@@ -32,10 +34,11 @@ def test_flat_index_returns_true_neighbours(tmp_path):
     keys, values = random_datastore(n=400, d=8)
     write_datastore(tmp_path, keys.astype(np.float16), values)
     manifest = build_index(IndexConfig(run_dir=tmp_path))
-    assert manifest["factory"] == "Flat" and manifest["ntotal"] == 400 and manifest["dim"] == 8
-    assert manifest["nprobe"] is None and manifest["index_bytes"] > 0 and manifest["peak_rss_mb"] > 0
+    assert manifest.factory == "Flat" and manifest.ntotal == 400 and manifest.nlist is None
+    assert manifest.nprobe is None and manifest.peak_rss_mb > 0 and manifest.built_on_gpu is False
+    assert manifest.files["index.faiss"].bytes == (tmp_path / "index" / "index.faiss").stat().st_size > 400 * 8 * 4
     index, loaded = load_index(tmp_path)
-    assert loaded["fingerprint"] == manifest["fingerprint"]
+    assert loaded.fingerprint == manifest.fingerprint and index.d == 8
     queries = np.random.default_rng(5).normal(size=(50, 8)).astype(np.float32) * 3
     dists, ids = search(index, queries, k=7, batch=16)
     ref_d, ref_ids = brute_force(keys.astype(np.float16).astype(np.float32), queries, 7)
@@ -43,7 +46,7 @@ def test_flat_index_returns_true_neighbours(tmp_path):
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_allclose(dists, ref_d, rtol=1e-4, atol=1e-3)
     # a second call finds the stage complete and does nothing
-    assert build_index(IndexConfig(run_dir=tmp_path))["fingerprint"] == manifest["fingerprint"]
+    assert build_index(IndexConfig(run_dir=tmp_path)).fingerprint == manifest.fingerprint
 
 
 def test_ivfpq_builds_searches_and_reranks(tmp_path):
@@ -52,7 +55,7 @@ def test_ivfpq_builds_searches_and_reranks(tmp_path):
     keys = (centres[rng.integers(0, 20, 3000)] + rng.normal(size=(3000, 32))).astype(np.float16)
     write_datastore(tmp_path, keys, rng.integers(0, 50, 3000).astype(np.int32))
     manifest = build_index(IndexConfig(run_dir=tmp_path, flat_threshold=1000, train_size=2000))
-    assert manifest["factory"] == "IVF32,PQ16" and manifest["nlist"] == 32 and manifest["nprobe"] == 32
+    assert manifest.factory == "IVF32,PQ16" and manifest.nlist == 32 and manifest.nprobe == 32
     index, _ = load_index(tmp_path)
     assert faiss.extract_index_ivf(index).nprobe == 32
     set_nprobe(index, 4)
@@ -78,18 +81,31 @@ def test_index_over_another_datastore_is_refused(tmp_path):
     keys, values = random_datastore(n=100, d=8)
     write_datastore(tmp_path, keys, values, tag="first")
     build_index(IndexConfig(run_dir=tmp_path))
-    other = write_datastore(tmp_path, keys[:90], values[:90], tag="second")
-    with pytest.raises(UsageError, match="built over another datastore") as err:
-        load_index(tmp_path, other)
+    write_datastore(tmp_path, keys[:90], values[:90], tag="second")
+    with pytest.raises(UsageError, match="index was built from another version of datastore") as err:
+        load_index(tmp_path)
     assert "\n" not in str(err.value)
 
 
-def test_dimension_mismatches_are_refused(tmp_path):
+def test_index_file_that_does_not_fit_the_datastore_is_refused(tmp_path):
+    """An index of the right size but another width (its hash recorded as if it were the stage's own)."""
     keys, values = random_datastore(n=100, d=8)
-    datastore = write_datastore(tmp_path, keys, values)
+    write_datastore(tmp_path, keys, values)
+    manifest = build_index(IndexConfig(run_dir=tmp_path))
+    run = RunDir(tmp_path)
+    # rebuild the index stage with another config and an index of width 4 in place of the real one
+    build = run.begin("index", IndexConfig(seed=1), dict(manifest.inputs))
+    faiss.write_index(faiss.IndexFlatL2(4), str(build.dir / "index.faiss"))
+    build.complete(factory="Flat", ntotal=0, built_on_gpu=False)
+    with pytest.raises(UsageError, match="holds 0 keys of width 4, the datastore 100 of width 8") as err:
+        load_index(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_search_mismatches_are_refused(tmp_path):
+    keys, values = random_datastore(n=100, d=8)
+    write_datastore(tmp_path, keys, values)
     build_index(IndexConfig(run_dir=tmp_path))
-    with pytest.raises(UsageError, match="key width 16"):
-        load_index(tmp_path, {**datastore, "key_dim": 16})
     index, _ = load_index(tmp_path)
     with pytest.raises(UsageError, match="query width 16 does not match the index dimension 8"):
         search(index, np.zeros((3, 16), np.float32), k=2)
@@ -100,6 +116,19 @@ def test_dimension_mismatches_are_refused(tmp_path):
 def test_bad_factory_is_one_line(tmp_path):
     keys, values = random_datastore(n=100, d=8)
     write_datastore(tmp_path, keys, values)
-    with pytest.raises(UsageError, match="--factory 'IVFbogus'") as err:
+    with pytest.raises(UsageError, match="'IVFbogus' is not a FAISS factory string") as err:
         build_index(IndexConfig(run_dir=tmp_path, factory="IVFbogus"))
-    assert "\n" not in str(err.value)
+    assert err.value.field == "factory" and "\n" not in err.value.for_cli()
+    assert not (tmp_path / "index.partial").exists()
+
+
+def test_too_many_lists_are_refused_and_keep_the_finished_index(tmp_path):
+    keys, values = random_datastore(n=100, d=8)
+    write_datastore(tmp_path, keys, values)
+    built = build_index(IndexConfig(run_dir=tmp_path))
+    before = (tmp_path / "index" / "index.faiss").read_bytes()
+    with pytest.raises(UsageError, match="has 1000 lists but only 100 keys") as err:
+        build_index(IndexConfig(run_dir=tmp_path, factory="IVF1000,Flat"))
+    assert err.value.field == "factory"
+    assert (tmp_path / "index" / "index.faiss").read_bytes() == before
+    assert RunDir(tmp_path).require("index").fingerprint == built.fingerprint

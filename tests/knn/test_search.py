@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from knn_helpers import random_datastore, write_datastore
 
-from mlpmem.artifacts import open_array
+from mlpmem.artifacts import RunDir
 from mlpmem.config import IndexConfig
 from mlpmem.knn.index import build_index, load_index
 from mlpmem.knn.search import search
+
+from knn_helpers import random_datastore, write_datastore
 
 
 def test_batches_and_float16_memmap_queries(tmp_path):
@@ -16,7 +17,7 @@ def test_batches_and_float16_memmap_queries(tmp_path):
     write_datastore(tmp_path, keys.astype(np.float16), values)
     build_index(IndexConfig(run_dir=tmp_path))
     index, _ = load_index(tmp_path)
-    stored = open_array(tmp_path, "datastore", "keys")  # float16 memmap [150, 8]
+    stored = RunDir(tmp_path).array("datastore", "keys")  # float16 memmap [150, 8]
     d_small, i_small = search(index, stored, k=5, batch=7)
     d_big, i_big = search(index, np.asarray(stored, dtype=np.float32), k=5)
     np.testing.assert_array_equal(i_small, i_big)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from knn_helpers import random_datastore, write_datastore
 
 import mlpmem.knn.targets as targets_mod
-from mlpmem.artifacts import Stage, open_array
+from mlpmem.artifacts import RunDir, read_json
 from mlpmem.config import IndexConfig, TargetsConfig
 from mlpmem.errors import UsageError
 from mlpmem.knn.index import build_index
 from mlpmem.knn.targets import build_targets, drop_self
+
+from knn_helpers import random_datastore, write_datastore
 
 ARRAYS = ("tokens", "probs", "gold", "self_found")
 
@@ -34,7 +35,7 @@ def brute_force_targets(keys, values, k, temperature, width):
 
 
 def check_against(run, rows, width):
-    tokens, probs = open_array(run, "targets", "tokens"), open_array(run, "targets", "probs")
+    tokens, probs = RunDir(run).array("targets", "tokens"), RunDir(run).array("targets", "probs")
     assert tokens.shape == probs.shape == (len(rows), width)
     for i, row in enumerate(rows):
         assert tokens[i, : len(row)].tolist() == [t for t, _ in row], i
@@ -52,16 +53,16 @@ def test_targets_equal_brute_force(tmp_path):
     keys, values = random_datastore(n=200, d=8, vocab=12)
     run = make_run(tmp_path, keys, values)
     manifest = build_targets(TargetsConfig(run_dir=run, k=10, knn_temperature=3.0, width=4, chunk_size=64))
-    assert manifest["width"] == 4 and manifest["entries"] == 200 and manifest["counts"]["self_found"] == 200
+    assert manifest.width == 4 and manifest.entries == 200 and manifest.self_found == 200 and manifest.nprobe is None
     check_against(run, brute_force_targets(keys, values, 10, 3.0, 4), 4)
-    np.testing.assert_array_equal(open_array(run, "targets", "gold"), values)
+    np.testing.assert_array_equal(RunDir(run).array("targets", "gold"), values)
 
 
 def test_width_is_capped_by_k(tmp_path):
     keys, values = random_datastore(n=120, d=8, vocab=40)
     run = make_run(tmp_path, keys, values)
     manifest = build_targets(TargetsConfig(run_dir=run, k=6, knn_temperature=5.0, width=128))
-    assert manifest["width"] == 6
+    assert manifest.width == 6
     check_against(run, brute_force_targets(keys, values, 6, 5.0, 6), 6)
 
 
@@ -71,8 +72,9 @@ def test_self_is_dropped_by_id_among_exact_duplicates(tmp_path):
     keys = np.repeat(base, 3, axis=0)  # entries 3g, 3g+1, 3g+2 share a key
     values = np.arange(120, dtype=np.int32)  # all distinct, so each neighbour is a token of its own
     run = make_run(tmp_path, keys, values)
-    build_targets(TargetsConfig(run_dir=run, k=5, knn_temperature=2.0, width=5))
-    tokens = open_array(run, "targets", "tokens")
+    manifest = build_targets(TargetsConfig(run_dir=run, k=5, knn_temperature=2.0, width=5))
+    assert manifest.self_found == 120  # k + 1 = 6 neighbours always include all 3 twins, itself among them
+    tokens = RunDir(run).array("targets", "tokens")
     for i in range(120):
         row = set(tokens[i].tolist())
         assert i not in row
@@ -109,21 +111,25 @@ def test_killed_and_resumed_is_byte_identical(tmp_path, monkeypatch):
     monkeypatch.setattr(targets_mod, "sparse_distribution", dying)
     with pytest.raises(Killed):
         build_targets(TargetsConfig(run_dir=killed, **config))
-    assert Stage(killed, "targets").done_chunks() == {0, 1, 2}
+    assert read_json(killed / "targets.partial" / "progress.json")["done"] == [0, 1, 2]
+    assert not (killed / "targets").exists()
     monkeypatch.setattr(targets_mod, "sparse_distribution", real)
     manifest = build_targets(TargetsConfig(run_dir=killed, **config))
-    assert manifest["status"] == "complete"
+    assert manifest.status == "complete" and manifest.self_found == 300
     for name in ARRAYS:
-        assert (killed / "targets" / f"{name}.bin").read_bytes() == (whole / "targets" / f"{name}.bin").read_bytes(), name
+        assert (killed / "targets" / f"{name}.bin").read_bytes() == (whole / "targets" / f"{name}.bin").read_bytes(), (
+            name
+        )
 
 
 def test_bad_inputs_are_one_line(tmp_path):
     keys, values = random_datastore(n=50, d=8)
     run = make_run(tmp_path, keys, values)
-    with pytest.raises(UsageError, match=r"--k \(50\) must be smaller than the datastore \(50 entries") as err:
+    with pytest.raises(UsageError, match=r"k \(50\) must be smaller than the datastore \(50 entries") as err:
         build_targets(TargetsConfig(run_dir=run, k=50))
-    assert "\n" not in str(err.value)
+    assert err.value.field == "k" and "\n" not in err.value.for_cli()
+    assert not (run / "targets.partial").exists()  # refused before any write
     write_datastore(run, keys[:40], values[:40], tag="rebuilt")  # the index now describes another datastore
-    with pytest.raises(UsageError, match="built over another datastore") as err:
+    with pytest.raises(UsageError, match="index was built from another version of datastore") as err:
         build_targets(TargetsConfig(run_dir=run, k=5))
     assert "\n" not in str(err.value)

@@ -11,9 +11,13 @@ from mlpmem.lm.keys import KEY_MODULES, KeyHook, key_dim, key_module_path
 
 SMALL = dict(vocab_size=96, max_position_embeddings=64, num_hidden_layers=2, num_attention_heads=2)
 CONFIGS = {
-    "gpt2": lambda: tf.GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0),
+    "gpt2": lambda: tf.GPT2Config(
+        vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    ),
     "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, **SMALL),
-    "opt": lambda: tf.OPTConfig(hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0, pad_token_id=1, **SMALL),
+    "opt": lambda: tf.OPTConfig(
+        hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0, pad_token_id=1, **SMALL
+    ),
     "llama": lambda: tf.LlamaConfig(hidden_size=32, intermediate_size=64, **SMALL),
     "mistral": lambda: tf.MistralConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=2, **SMALL),
     "qwen2": lambda: tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_key_value_heads=2, **SMALL),
@@ -61,7 +65,7 @@ def test_hook_catches_the_feed_forward_input(family):
     with KeyHook(model) as hook:
         with torch.no_grad():
             model(ids)
-    assert hook.path == KEY_MODULES[family].format(last=1)
+    assert hook.path == KEY_MODULES[family].format(block=1)
     assert hook.keys.shape == (2, 7, key_dim(model)) == (2, 7, 32)
     torch.testing.assert_close(hook.keys, ffn_input(model, FFN_MODULES[family], ids), rtol=0, atol=0)
     # calling the backbone alone (no LM head), as the datastore does, gives the same 3-D keys

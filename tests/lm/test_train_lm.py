@@ -1,18 +1,34 @@
-"""train-lm: a loadable HF checkpoint, kill-and-resume equals uninterrupted, bad input."""
+"""train-lm: a loadable HF checkpoint, kill-and-resume equals uninterrupted, divergence stops, bad input."""
+
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from mlpmem.artifacts import RunDir
 from mlpmem.config import PrepareConfig, TrainLMConfig
 from mlpmem.data.prepare import prepare
 from mlpmem.errors import UsageError
 from mlpmem.lm import train as train_module
-from mlpmem.lm.train import lr_factor, train_lm
+from mlpmem.lm.load import load_lm
+from mlpmem.lm.train import train_lm
+from mlpmem.training import checkpoint_due, lr_factor, make_optimizer, make_scheduler
 
-TINY = dict(n_layer=1, n_head=2, n_embd=32, context=32, batch_size=4, max_steps=6, eval_interval=2,
-            eval_batches=2, warmup_steps=2, dtype="float32", device="cpu")
+TINY = dict(
+    n_layer=1,
+    n_head=2,
+    n_embd=32,
+    context=32,
+    batch_size=4,
+    max_steps=6,
+    eval_interval=2,
+    eval_batches=2,
+    warmup_steps=2,
+    dtype="float32",
+    device="cpu",
+)
 
 
 @pytest.fixture
@@ -22,21 +38,24 @@ def prepared(tmp_path):
 
 
 def weights(run_dir):
-    return load_file(run_dir / "lm" / "model" / "model.safetensors")
+    return load_file(run_dir / "train-lm" / "model" / "model.safetensors")
 
 
 def test_trained_model_loads_with_auto_class_and_learns(prepared):
     manifest = train_lm(TrainLMConfig(run_dir=prepared, **{**TINY, "max_steps": 30, "eval_interval": 10, "lr": 3e-3}))
-    model = AutoModelForCausalLM.from_pretrained(prepared / "lm" / "model")
+    model = AutoModelForCausalLM.from_pretrained(prepared / "train-lm" / "model")
     assert model.config.n_positions == 32 and model.config.vocab_size == 300
-    history = manifest["history"]
+    history = manifest.history
+    assert [h["step"] for h in history] == [10, 20, 30]
     assert history[-1]["valid_loss"] < history[0]["valid_loss"]
-    assert manifest["model_fingerprint"] and manifest["train_tokens_per_s"] > 0
+    assert manifest.valid_loss == history[-1]["valid_loss"] and manifest.steps == 30
+    assert manifest.model_fingerprint and manifest.train_tokens_per_s > 0
+    assert manifest.parameters == sum(p.numel() for p in model.parameters())
+    assert manifest.inputs == {"prepare": RunDir(prepared).read("prepare").fingerprint}
+    assert not (prepared / "train-lm" / "checkpoints").exists() and not (prepared / "train-lm.partial").exists()
 
 
 def test_killed_and_resumed_training_equals_uninterrupted(prepared, tmp_path, monkeypatch):
-    import shutil
-
     other = tmp_path / "other"
     shutil.copytree(prepared, other)
     train_lm(TrainLMConfig(run_dir=other, **TINY))
@@ -53,19 +72,65 @@ def test_killed_and_resumed_training_equals_uninterrupted(prepared, tmp_path, mo
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_lm(TrainLMConfig(run_dir=prepared, **TINY))
-    assert not (prepared / "lm" / "model").exists()  # nothing that looks complete
+    assert not (prepared / "train-lm").exists()  # nothing that looks complete
+    assert (prepared / "train-lm.partial" / "checkpoints" / "step-4").is_dir()
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     manifest = train_lm(TrainLMConfig(run_dir=prepared, **TINY))
-    assert manifest["status"] == "complete"
+    assert manifest.status == "complete"
     a, b = weights(prepared), weights(other)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    assert manifest.history == RunDir(other).read("train-lm").history
+
+
+def test_kill_after_the_final_checkpoint_resumes_at_the_end(prepared, tmp_path, monkeypatch):
+    """Killed after the last step's checkpoint but before the stage completes: the rerun trains no step."""
+    other = tmp_path / "other"
+    shutil.copytree(prepared, other)
+    train_lm(TrainLMConfig(run_dir=other, **TINY))
+
+    real_complete = train_module.StageBuild.complete
+
+    def die(self, **fields):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.StageBuild, "complete", die)
+    with pytest.raises(KeyboardInterrupt):
+        train_lm(TrainLMConfig(run_dir=prepared, **TINY))
+    assert (prepared / "train-lm.partial" / "checkpoints" / "step-6").is_dir()
+    monkeypatch.setattr(train_module.StageBuild, "complete", real_complete)
+    steps = []
+    real_loss = train_module.window_loss
+    monkeypatch.setattr(train_module, "window_loss", lambda m, x: steps.append(m.training) or real_loss(m, x))
+    train_lm(TrainLMConfig(run_dir=prepared, **TINY))
+    assert not any(steps)  # only validation batches (eval mode): no training step ran again
+    a, b = weights(prepared), weights(other)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_complete_stage_is_skipped(prepared):
     first = train_lm(TrainLMConfig(run_dir=prepared, **TINY))
-    assert train_lm(TrainLMConfig(run_dir=prepared, **TINY))["fingerprint"] == first["fingerprint"]
+    assert train_lm(TrainLMConfig(run_dir=prepared, **TINY)).fingerprint == first.fingerprint
+    # a setting (device) is not part of the stage's identity
+    assert train_lm(TrainLMConfig(run_dir=prepared, **{**TINY, "device": "auto"})).fingerprint == first.fingerprint
+
+
+@pytest.mark.parametrize("bad", [{"lr": 1e3}, {"weight_decay": 1e10}])
+def test_diverging_training_stops_and_marks_nothing_complete(prepared, bad):
+    with pytest.raises(UsageError, match="diverged|nan") as err:
+        train_lm(TrainLMConfig(run_dir=prepared, **{**TINY, "warmup_steps": 0, **bad}))
+    assert "\n" not in str(err.value)
+    assert not (prepared / "train-lm").exists()
+    assert (prepared / "train-lm.partial").is_dir()
+    assert RunDir(prepared).read("train-lm", prepared / "train-lm.partial").status == "running"
+
+
+def test_infinite_lr_is_refused_by_the_config():
+    from mlpmem.config import validate
+
+    with pytest.raises(UsageError, match="--lr"):
+        validate(TrainLMConfig, {"lr": float("inf")})
 
 
 def test_continue_training_refuses_another_tokenizer(prepared, tmp_path):
@@ -73,17 +138,17 @@ def test_continue_training_refuses_another_tokenizer(prepared, tmp_path):
     other = tmp_path / "other"
     prepare(PrepareConfig(run_dir=other, train_tokenizer=320))
     with pytest.raises(UsageError, match="another tokenizer"):
-        train_lm(TrainLMConfig(run_dir=other, model=str(prepared / "lm" / "model"), **TINY))
+        train_lm(TrainLMConfig(run_dir=other, model=str(prepared / "train-lm" / "model"), **TINY))
 
 
 def test_continue_training_refuses_context_beyond_positions(prepared, tmp_path):
     train_lm(TrainLMConfig(run_dir=prepared, **TINY))
-    import shutil
-
     again = tmp_path / "again"
     shutil.copytree(prepared / "prepare", again / "prepare")
-    with pytest.raises(UsageError, match="exceeds"):
-        train_lm(TrainLMConfig(run_dir=again, model=str(prepared / "lm" / "model"), **{**TINY, "context": 64}))
+    with pytest.raises(UsageError, match="exceeds") as err:
+        train_lm(TrainLMConfig(run_dir=again, model=str(prepared / "train-lm" / "model"), **{**TINY, "context": 64}))
+    assert err.value.field == "context"
+    assert not (again / "train-lm.partial").exists() and not (again / "train-lm").exists()  # refused before any write
 
 
 def test_missing_model_path_is_a_usage_error(prepared):
@@ -91,8 +156,33 @@ def test_missing_model_path_is_a_usage_error(prepared):
         train_lm(TrainLMConfig(run_dir=prepared, model="./no/such/model", **TINY))
 
 
+def test_model_with_nan_weights_is_refused(prepared, tmp_path):
+    train_lm(TrainLMConfig(run_dir=prepared, **TINY))
+    broken = tmp_path / "broken"
+    shutil.copytree(prepared / "train-lm" / "model", broken)
+    tensors = load_file(broken / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("ln_f.weight"))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UsageError, match="nan") as err:
+        load_lm(broken)
+    assert "\n" not in str(err.value) and "ln_f" in str(err.value)
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
     assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+
+
+def test_scheduler_follows_lr_factor_and_checkpoints_include_the_last_step():
+    model = torch.nn.Linear(3, 2)
+    optimizer = make_optimizer(model, lr=2.0, weight_decay=0.1)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]  # matrices decayed, biases not
+    scheduler = make_scheduler(optimizer, warmup_steps=4, total_steps=20, min_ratio=0.1)
+    for step in range(25):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(2.0 * lr_factor(step, 4, 20, 0.1)), step
+        optimizer.step()
+        scheduler.step()
+    assert [s for s in range(1, 24) if checkpoint_due(s, 5, 23)] == [5, 10, 15, 20, 23]

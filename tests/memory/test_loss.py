@@ -55,7 +55,7 @@ def test_gradient_matches_dense_torch():
     logits, tokens, probs, gold = sparse_batch(1)
     x = torch.tensor(logits, requires_grad=True)
     memory_loss(x, torch.tensor(tokens), torch.tensor(probs), torch.tensor(gold), 0.5)[0].backward()
-    # dense: d/dlogits [α(−Σ P log q) + (1−α)(−log q_gold)] / B = (softmax − (αP + (1−α)onehot)) / B, rows with P = 0 too
+    # dense: d/dlogits [α(−Σ P log q) + (1−α)(−log q_gold)] / B = (softmax − (αP + (1−α)onehot)) / B, P = 0 rows too
     P = np.zeros((B, V))
     for i in range(B):
         for t, p in zip(tokens[i], probs[i]):
@@ -72,7 +72,10 @@ def test_float16_logits_and_int32_targets():
     logits, tokens, probs, gold = sparse_batch(2)
     want = dense_reference(logits.astype(np.float16).astype(np.float64), tokens, probs, gold, 0.5)
     got = memory_loss(
-        torch.tensor(logits, dtype=torch.float16), torch.tensor(tokens, dtype=torch.int32), torch.tensor(probs),
-        torch.tensor(gold, dtype=torch.int32), 0.5,
+        torch.tensor(logits, dtype=torch.float16),
+        torch.tensor(tokens, dtype=torch.int32),
+        torch.tensor(probs),
+        torch.tensor(gold, dtype=torch.int32),
+        0.5,
     )
     assert got[0].item() == pytest.approx(want[0], rel=1e-5)

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
+from mlpmem.artifacts import RunDir
+from mlpmem.config import TrainMemoryConfig
 from mlpmem.errors import UsageError
 from mlpmem.memory.model import MLPMemory, MLPMemoryConfig, check_pairing, load_memory
+
+from conftest import tiny_gpt2
 
 
 def small(**kw) -> MLPMemory:
     torch.manual_seed(0)
-    cfg = dict(input_dim=24, hidden_size=32, n_blocks=3, vocab_size=50, base_model_fingerprint="abc",
-               key_layer="transformer.h.1.ln_2", knn_temperature=7.0)
+    cfg = dict(
+        input_dim=24,
+        hidden_size=32,
+        n_blocks=3,
+        vocab_size=50,
+        base_model_fingerprint="abc",
+        key_layer="transformer.h.1.ln_2",
+        knn_temperature=7.0,
+    )
     model = MLPMemory(MLPMemoryConfig(**{**cfg, **kw})).eval()
     with torch.no_grad():  # non-trivial norms and biases so the reference is tested on them too
         for name, p in model.named_parameters():
@@ -32,9 +44,14 @@ def reference_forward(sd: dict, cfg: MLPMemoryConfig, keys: torch.Tensor) -> tor
         b = f"blocks.{i}."
         h = F.layer_norm(x, (cfg.hidden_size,), sd[b + "norm.weight"], sd[b + "norm.bias"], cfg.layer_norm_eps)
         if cfg.ffn == "gelu":
-            h = F.gelu(h @ sd[b + "ffn.up.weight"].T + sd[b + "ffn.up.bias"]) @ sd[b + "ffn.down.weight"].T + sd[b + "ffn.down.bias"]
+            h = (
+                F.gelu(h @ sd[b + "ffn.up.weight"].T + sd[b + "ffn.up.bias"]) @ sd[b + "ffn.down.weight"].T
+                + sd[b + "ffn.down.bias"]
+            )
         else:
-            h = (F.silu(h @ sd[b + "ffn.gate.weight"].T) * (h @ sd[b + "ffn.up.weight"].T)) @ sd[b + "ffn.down.weight"].T
+            h = (F.silu(h @ sd[b + "ffn.gate.weight"].T) * (h @ sd[b + "ffn.up.weight"].T)) @ sd[
+                b + "ffn.down.weight"
+            ].T
         x = x + h
     x = F.layer_norm(x, (cfg.hidden_size,), sd["norm.weight"], sd["norm.bias"], cfg.layer_norm_eps)
     return x @ sd["head.weight"].T
@@ -66,22 +83,43 @@ def test_save_load_round_trip(tmp_path, ffn):
     model.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").exists()
     keys = torch.randn(4, 24)
-    for loaded in (MLPMemory.from_pretrained(tmp_path / "m"), AutoModel.from_pretrained(tmp_path / "m"), load_memory(tmp_path / "m")):
+    for loaded in (
+        MLPMemory.from_pretrained(tmp_path / "m"),
+        AutoModel.from_pretrained(tmp_path / "m"),
+        load_memory(tmp_path / "m"),
+    ):
         assert isinstance(loaded, MLPMemory)
         with torch.no_grad():
             assert torch.equal(loaded.eval()(keys), model(keys))
         cfg = loaded.config
         assert (cfg.input_dim, cfg.base_model_fingerprint, cfg.key_layer, cfg.knn_temperature, cfg.ffn) == (
-            24, "abc", "transformer.h.1.ln_2", 7.0, ffn)
+            24,
+            "abc",
+            "transformer.h.1.ln_2",
+            7.0,
+            ffn,
+        )
     assert AutoConfig.from_pretrained(tmp_path / "m").model_type == "mlp-memory"
 
 
 def test_load_memory_finds_run_folder_and_refuses_missing(tmp_path):
-    small().save_pretrained(tmp_path / "run" / "memory" / "model")
-    assert isinstance(load_memory(tmp_path / "run"), MLPMemory)
-    assert isinstance(load_memory(tmp_path / "run" / "memory"), MLPMemory)
+    run = RunDir(tmp_path / "run")
+    build = run.begin("train-memory", TrainMemoryConfig(), {})
+    small().save_pretrained(build.dir / "model")
+    build.complete(key_layer="transformer.h.1.ln_2")
+    for where in (run.path, run.path / "train-memory", run.path / "train-memory" / "model"):
+        assert isinstance(load_memory(where), MLPMemory)
     with pytest.raises(UsageError, match="no MLP memory"):
         load_memory(tmp_path / "elsewhere")
+    # weights replaced after the stage completed: refused by their content hash
+    small(n_blocks=2).save_pretrained(run.path / "train-memory" / "model")
+    with pytest.raises(UsageError, match="does not match its recorded content hash") as err:
+        load_memory(run.path)
+    assert "\n" not in str(err.value)
+    # a stage folder without a complete manifest is not taken as a memory
+    (run.path / "train-memory" / "manifest.json").unlink()
+    with pytest.raises(UsageError, match="missing or incomplete"):
+        load_memory(run.path)
 
 
 def test_init_head_from(caplog):
@@ -95,15 +133,29 @@ def test_init_head_from(caplog):
     assert torch.equal(model.head.weight, emb)
 
 
-def test_pairing_refused_for_another_model_or_layer():
-    cfg = small().config
-    check_pairing(cfg, "abc", "transformer.h.1.ln_2", key_dim=24)
-    for args in (("xyz", "transformer.h.1.ln_2"), ("abc", "transformer.h.0.ln_2")):
-        with pytest.raises(UsageError) as err:
-            check_pairing(cfg, *args)
+def test_pairing_checks_the_lm_itself():
+    lm = tiny_gpt2()
+    memory = small(input_dim=32, vocab_size=96).config
+    assert check_pairing(memory, lm, "abc") == "transformer.h.1.ln_2"
+    refusals = {
+        "trained on keys of base model abc": (memory, "xyz"),
+        "no such module": (small(input_dim=32, vocab_size=96, key_layer="transformer.h.9.ln_2").config, "abc"),
+        "width 32, but 'transformer.h.1.mlp.c_fc' of the LM gives 128": (
+            small(input_dim=32, vocab_size=96, key_layer="transformer.h.1.mlp.c_fc").config,
+            "abc",
+        ),
+        "predicts 50 tokens, the LM 96": (small(input_dim=32).config, "abc"),
+        "does not record the LM module": (small(input_dim=32, vocab_size=96, key_layer=None).config, "abc"),
+    }
+    for message, (cfg, fingerprint) in refusals.items():
+        with pytest.raises(UsageError, match=re.escape(message)) as err:
+            check_pairing(cfg, lm, fingerprint)
         assert "\n" not in str(err.value)
-    with pytest.raises(UsageError):
-        check_pairing(cfg, "abc", "transformer.h.1.ln_2", key_dim=32)
+    # another layer of the same width is a valid pairing: the memory's key layer is its own
+    assert (
+        check_pairing(small(input_dim=32, vocab_size=96, key_layer="transformer.h.0.ln_2").config, lm, "abc")
+        == "transformer.h.0.ln_2"
+    )
 
 
 def test_wrong_key_width_is_refused():

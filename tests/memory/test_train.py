@@ -8,33 +8,47 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from memory_inputs import CONTEXT, KEY_LAYER, STRIDE, datastore_keys, memory_run, memory_run_template  # noqa: F401
 from safetensors.torch import load_file
 
-from mlpmem.artifacts import Stage, open_array
-from mlpmem.config import TrainMemoryConfig
+from mlpmem.artifacts import RunDir, StageBuild
+from mlpmem.config import TargetsConfig, TrainMemoryConfig
 from mlpmem.data.tokens import open_split
 from mlpmem.data.windows import sliding_windows
 from mlpmem.errors import UsageError
 from mlpmem.lm.load import load_lm, run_lm_dir
 from mlpmem.memory import train as train_module
 from mlpmem.memory.loss import memory_loss
-from mlpmem.memory.model import MLPMemory, MLPMemoryConfig, load_memory
+from mlpmem.memory.model import MLPMemory, MLPMemoryConfig, check_pairing, load_memory
 from mlpmem.memory.train import OfflineKeys, OnlineKeys, Targets, recompute_keys, train_memory, units_for_step
+
+from memory_inputs import CONTEXT, KEY_LAYER, STRIDE, datastore_keys, memory_run, memory_run_template  # noqa: F401
 
 VALID = 200
 real_load_checkpoint = train_module.load_checkpoint
 
 
 def config(run, **kw) -> TrainMemoryConfig:
-    base = dict(run_dir=run, n_blocks=2, batch_size=64, epochs=2, lr=3e-3, warmup_steps=5, eval_interval=10,
-                valid_size=VALID, device="cpu")
+    base = dict(
+        run_dir=run,
+        n_blocks=2,
+        batch_size=64,
+        epochs=2,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_interval=10,
+        valid_size=VALID,
+        device="cpu",
+    )
     return TrainMemoryConfig(**{**base, **kw})
 
 
 def dense_kl(logits: np.ndarray, t_tokens: np.ndarray, t_probs: np.ndarray) -> float:
     """Mean KL(p‖q) from a dense target matrix."""
-    log_q = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+    log_q = (
+        logits
+        - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+        - logits.max(1, keepdims=True)
+    )
     P = np.zeros_like(log_q)
     rows = np.repeat(np.arange(len(P)), t_tokens.shape[1])
     ok = t_tokens.ravel() >= 0
@@ -45,29 +59,41 @@ def dense_kl(logits: np.ndarray, t_tokens: np.ndarray, t_probs: np.ndarray) -> f
 
 def test_training_lowers_validation_kl(memory_run):
     manifest = train_memory(config(memory_run, epochs=3))
-    history = manifest["valid_history"]
-    assert history[0]["step"] == 0 and history[-1]["step"] == manifest["counts"]["steps"]
-    assert manifest["valid"]["kl"] < history[0]["kl"] - 0.5
+    history = manifest.valid_history
+    assert history[0]["step"] == 0 and history[-1]["step"] == manifest.steps
+    assert manifest.valid["kl"] < history[0]["kl"] - 0.5
     # the final valid KL, recomputed from the saved model with a dense reference
     memory = load_memory(memory_run)
-    n = manifest["counts"]["entries"]
+    run = RunDir(memory_run)
+    n = run.read("datastore").entries
+    assert manifest.train_entries == n - VALID and manifest.valid_entries == VALID
     ids = np.arange(n - VALID, n)
-    keys = torch.from_numpy(np.asarray(open_array(memory_run, "datastore", "keys")[ids], np.float32))
+    keys = torch.from_numpy(np.asarray(run.array("datastore", "keys")[ids], np.float32))
     with torch.no_grad():
         logits = memory(keys).double().numpy()
-    t_tokens = np.asarray(open_array(memory_run, "targets", "tokens")[ids])
-    t_probs = np.asarray(open_array(memory_run, "targets", "probs")[ids], np.float64)
-    assert dense_kl(logits, t_tokens, t_probs) == pytest.approx(manifest["valid"]["kl"], abs=1e-4)
+    t_tokens = np.asarray(run.array("targets", "tokens")[ids])
+    t_probs = np.asarray(run.array("targets", "probs")[ids], np.float64)
+    assert dense_kl(logits, t_tokens, t_probs) == pytest.approx(manifest.valid["kl"], abs=1e-4)
     # what the memory records about itself and its stage
     cfg = memory.config
-    ds = Stage(memory_run, "datastore").read()
+    ds, tg, lm = run.read("datastore"), run.read("targets"), run.read("train-lm")
     assert (cfg.base_model_fingerprint, cfg.key_layer, cfg.knn_temperature, cfg.input_dim, cfg.vocab_size) == (
-        ds["model_fingerprint"], KEY_LAYER, 7.0, 32, 96)
-    assert manifest["inputs"] == {"datastore": ds["fingerprint"], "targets": Stage(memory_run, "targets").read()["fingerprint"]}
-    assert manifest["counts"]["memory_bytes"] == (memory_run / "memory" / "model" / "model.safetensors").stat().st_size
-    assert manifest["counts"]["parameters"] == sum(p.numel() for p in memory.parameters())
-    assert manifest["head_from_lm"] and manifest["keys_per_s"] > 0
-    assert not (memory_run / "memory" / "checkpoints").exists()
+        lm.model_fingerprint,
+        KEY_LAYER,
+        7.0,
+        32,
+        96,
+    )
+    assert manifest.key_layer == KEY_LAYER
+    assert manifest.inputs == {"train-lm": lm.fingerprint, "datastore": ds.fingerprint, "targets": tg.fingerprint}
+    size = (memory_run / "train-memory" / "model" / "model.safetensors").stat().st_size
+    assert manifest.files["model/model.safetensors"].bytes == manifest.summary()["memory_bytes"] == size
+    assert manifest.parameters == sum(p.numel() for p in memory.parameters())
+    assert manifest.head_from_lm and manifest.keys_per_s > 0
+    assert (
+        not (memory_run / "train-memory" / "checkpoints").exists()
+        and not (memory_run / "train-memory.partial").exists()
+    )
 
 
 def test_offline_and_online_keys_and_loss_agree(memory_run):
@@ -82,8 +108,12 @@ def test_offline_and_online_keys_and_loss_agree(memory_run):
     exact, _ = datastore_keys(memory_run)  # float32, one window per forward (the fixture's own loop)
 
     ids = np.sort(np.random.default_rng(0).choice(n, 300, replace=False))
-    torch.testing.assert_close(recompute_keys(lm, KEY_LAYER, tokens, windows, ids, torch.device("cpu")),
-                               torch.from_numpy(exact[ids]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        recompute_keys(lm, KEY_LAYER, tokens, windows, ids, torch.device("cpu")),
+        torch.from_numpy(exact[ids]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     ids_off, keys_off = offline.batch(ids[::-1].copy(), torch.device("cpu"))
     assert np.array_equal(ids_off, ids)
     torch.testing.assert_close(keys_off, torch.from_numpy(exact[ids]), rtol=1e-3, atol=2e-3)  # fp16 rounding
@@ -109,11 +139,11 @@ def test_offline_and_online_keys_and_loss_agree(memory_run):
 
 def test_online_training_matches_offline_start(memory_run):
     online = train_memory(config(memory_run, mode="online", epochs=0.5))
-    assert online["status"] == "complete" and online["counts"]["steps"] >= 1
-    assert online["valid"]["kl"] < online["valid_history"][0]["kl"]
-    step0_online = online["valid_history"][0]
+    assert online.status == "complete" and online.steps >= 1 and online.key_layer == KEY_LAYER
+    assert online.valid["kl"] < online.valid_history[0]["kl"]
+    step0_online = online.valid_history[0]
     offline = train_memory(config(memory_run, epochs=0.1))  # another config: a fresh stage
-    step0_offline = offline["valid_history"][0]
+    step0_offline = offline.valid_history[0]
     for k in ("loss", "kl", "ce"):  # same init, same held-out entries: only fp16 key rounding differs
         assert step0_online[k] == pytest.approx(step0_offline[k], rel=1e-3)
 
@@ -145,40 +175,192 @@ def test_killed_and_resumed_equals_uninterrupted(memory_run, tmp_path, monkeypat
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         train_memory(config(memory_run, **cfg))
-    assert json.loads((memory_run / "memory" / "checkpoints" / "latest.json").read_text())["step"] == 14
+    assert json.loads((memory_run / "train-memory.partial" / "checkpoints" / "latest.json").read_text())["step"] == 14
+    assert not (memory_run / "train-memory").exists()
     monkeypatch.setattr(train_module, "save_checkpoint", original)
     restored = []
-    monkeypatch.setattr(train_module, "load_checkpoint", lambda *a: restored.append(state := real_load_checkpoint(*a)) or state)
+    monkeypatch.setattr(
+        train_module, "load_checkpoint", lambda *a: restored.append(state := real_load_checkpoint(*a)) or state
+    )
     resumed = train_memory(config(memory_run, **cfg))
     assert restored and restored[0]["step"] == 14
 
-    a = load_file(other / "memory" / "model" / "model.safetensors")
-    b = load_file(memory_run / "memory" / "model" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed["valid_history"] == reference["valid_history"]
-    assert resumed["fingerprint"] == reference["fingerprint"]
-
+    assert same_weights(other, memory_run)
+    assert resumed.valid_history == reference.valid_history
+    assert resumed.fingerprint == reference.fingerprint
 
 
 def test_complete_stage_is_skipped(memory_run, monkeypatch):
     first = train_memory(config(memory_run, epochs=0.2))
     monkeypatch.setattr(train_module, "memory_loss", lambda *a: pytest.fail("trained again"))
-    assert train_memory(config(memory_run, epochs=0.2)) == first
+    again = train_memory(config(memory_run, epochs=0.2, device="auto"))  # a setting: not part of the identity
+    assert again.model_dump(mode="json") == first.model_dump(mode="json")
 
 
 def test_without_validation(memory_run):
     manifest = train_memory(config(memory_run, valid_size=0, epochs=0.2))
-    assert manifest["valid"] is None and manifest["valid_history"] == []
-    assert manifest["counts"]["train_entries"] == manifest["counts"]["entries"]
+    assert manifest.valid is None and manifest.valid_history == []
+    assert manifest.train_entries == RunDir(memory_run).read("datastore").entries and manifest.valid_entries == 0
 
 
 def test_mismatched_inputs_are_refused(memory_run):
-    with pytest.raises(UsageError, match="valid-size"):
+    with pytest.raises(UsageError, match=r"valid_size \(10000\) must be smaller") as err:
         train_memory(config(memory_run, valid_size=10_000))
-    tg = Stage(memory_run, "targets")
-    manifest = tg.read()
-    manifest["inputs"]["datastore"] = "0123456789abcdef"
-    (tg.dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UsageError, match="another datastore") as err:
+    assert err.value.field == "valid_size"
+    run = RunDir(memory_run)
+    ds = run.read("datastore")
+    # targets with fewer rows, built over the current datastore
+    tg = run.begin("targets", TargetsConfig(k=3, width=3), {"datastore": ds.fingerprint})
+    for name, dtype, shape in (("tokens", "int32", (10, 3)), ("probs", "float32", (10, 3)), ("gold", "int32", (10,))):
+        tg.add_array(name, dtype, shape)
+    tg.complete()
+    with pytest.raises(UsageError, match=f"the targets have 10 rows, the datastore {ds.entries} entries") as err:
         train_memory(config(memory_run))
     assert "\n" not in str(err.value)
+    # the datastore rebuilt after the targets: the targets describe another datastore
+    lm = run.read("train-lm")
+    rebuilt = run.begin("datastore", ds.config.model_copy(update={"key_dtype": "float32"}), dict(ds.inputs))
+    rebuilt.add_array("keys", "float32", (ds.entries, ds.key_dim))
+    rebuilt.add_array("values", "int32", (ds.entries,))
+    rebuilt.complete(model_fingerprint=lm.model_fingerprint, key_layer=KEY_LAYER, context=CONTEXT, stride=STRIDE)
+    with pytest.raises(UsageError, match="targets was built from another version of datastore") as err:
+        train_memory(config(memory_run))
+    assert "\n" not in str(err.value)
+    assert not (memory_run / "train-memory.partial").exists()  # nothing written by a refused command
+
+
+def same_weights(run_a, run_b) -> bool:
+    a = load_file(run_a / "train-memory" / "model" / "model.safetensors")
+    b = load_file(run_b / "train-memory" / "model" / "model.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_after_the_final_save_resumes_at_the_end(memory_run, tmp_path, monkeypatch):
+    """Killed after the last checkpoint but before the manifest completes: the rerun trains no step again."""
+    other = shutil.copytree(memory_run, tmp_path / "other")
+    cfg = dict(epochs=1.5, eval_interval=7)
+    reference = train_memory(config(other, **cfg))
+
+    real_complete = StageBuild.complete
+    killed = []
+
+    def die_once(self, **fields):
+        if not killed:
+            killed.append(1)
+            raise KeyboardInterrupt
+        return real_complete(self, **fields)
+
+    monkeypatch.setattr(StageBuild, "complete", die_once)
+    with pytest.raises(KeyboardInterrupt):
+        train_memory(config(memory_run, **cfg))
+    latest = json.loads((memory_run / "train-memory.partial" / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == reference.steps and not (memory_run / "train-memory").exists()
+
+    restored, trained = [], []
+    monkeypatch.setattr(
+        train_module, "load_checkpoint", lambda *a: restored.append(state := real_load_checkpoint(*a)) or state
+    )
+    real_loss = train_module.memory_loss
+    monkeypatch.setattr(
+        train_module, "memory_loss", lambda logits, *a: trained.append(torch.is_grad_enabled()) or real_loss(logits, *a)
+    )
+    resumed = train_memory(config(memory_run, **cfg))
+    assert restored and restored[0]["step"] == reference.steps
+    assert not any(trained)  # only the final validation ran (no gradients): no training step was repeated
+    assert same_weights(other, memory_run)
+    assert resumed.valid_history == reference.valid_history and resumed.fingerprint == reference.fingerprint
+    assert not (memory_run / "train-memory" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("bad", [{"lr": 1e3}, {"weight_decay": 1e10}])
+def test_diverging_training_stops_and_marks_nothing_complete(memory_run, bad):
+    with pytest.raises(UsageError, match="diverged|nan") as err:
+        train_memory(config(memory_run, warmup_steps=0, epochs=1, **bad))
+    assert "\n" not in str(err.value)
+    assert not (memory_run / "train-memory").exists()
+    assert RunDir(memory_run).read("train-memory", memory_run / "train-memory.partial").status == "running"
+
+
+# the memory's own key layer (online mode) -----------------------------------------------------------------
+def ffn_input_of_block(lm, block: int, ids: torch.Tensor) -> torch.Tensor:
+    """ln_2(h + attn(ln_1(h))) of a GPT-2 block, from output_hidden_states and the block's weights by hand."""
+    with torch.no_grad():
+        h = lm(ids, output_hidden_states=True).hidden_states[block]  # the block's input [B, T, d]
+        b = lm.transformer.h[block]
+        B, T, d = h.shape
+        heads = lm.config.n_head
+        q, k, v = b.attn.c_attn(b.ln_1(h)).split(d, dim=2)
+        split = lambda x: x.view(B, T, heads, d // heads).transpose(1, 2)  # noqa: E731  [B, heads, T, d/heads]
+        scores = split(q) @ split(k).transpose(-1, -2) / (d // heads) ** 0.5
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        attn = (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(B, T, d)
+        return b.ln_2(h + b.attn.c_proj(attn))
+
+
+def reference_keys(run_dir, layer_fn) -> np.ndarray:
+    """Keys [N, w] of every datastore entry, one window per forward, from ``layer_fn(lm, ids) -> [1, T, w]``."""
+    lm = load_lm(run_lm_dir(run_dir))
+    tokens = np.asarray(open_split(run_dir, "train"), dtype=np.int64)
+    out = None
+    for w in sliding_windows(len(tokens), CONTEXT, STRIDE):
+        k = layer_fn(lm, torch.from_numpy(tokens[w.begin : w.end])[None])[0]
+        out = np.zeros((len(tokens) - 1, k.shape[-1]), np.float32) if out is None else out
+        out[w.first_scored : w.end - 1] = k[w.first_scored - w.begin : w.end - 1 - w.begin].numpy()
+    return out
+
+
+def final_valid_kl(run_dir, keys: np.ndarray) -> float:
+    """The saved memory's valid KL on the held-out entries, with the given keys (dense reference)."""
+    run = RunDir(run_dir)
+    n = run.read("datastore").entries
+    ids = np.arange(n - VALID, n)
+    with torch.no_grad():
+        logits = load_memory(run_dir)(torch.from_numpy(keys[ids])).double().numpy()
+    return dense_kl(
+        logits,
+        np.asarray(run.array("targets", "tokens")[ids]),
+        np.asarray(run.array("targets", "probs")[ids], np.float64),
+    )
+
+
+@pytest.mark.parametrize("choice", [{"key_depth": 0.5}, {"key_layer": "transformer.h.0.ln_2"}])
+def test_online_memory_reads_its_own_key_layer(memory_run, choice):
+    """--key-depth 0.5 of a 2-block LM is block 0's feed-forward input: the memory trains on the LM's keys there."""
+    manifest = train_memory(config(memory_run, mode="online", epochs=0.5, dtype="float32", **choice))
+    memory = load_memory(memory_run)
+    assert manifest.key_layer == memory.config.key_layer == "transformer.h.0.ln_2"
+    assert RunDir(memory_run).read("datastore").key_layer == KEY_LAYER  # the targets still come from the last block
+    lm = load_lm(run_lm_dir(memory_run))
+    assert (
+        check_pairing(memory.config, lm, RunDir(memory_run).read("train-lm").model_fingerprint)
+        == "transformer.h.0.ln_2"
+    )
+    expected = reference_keys(memory_run, lambda lm, ids: ffn_input_of_block(lm, 0, ids))
+    assert not np.allclose(expected, datastore_keys(memory_run)[0], atol=1e-2)  # another layer indeed
+    tokens = open_split(memory_run, "train")
+    ids = np.sort(np.random.default_rng(1).choice(len(expected), 200, replace=False))
+    got = recompute_keys(
+        lm, manifest.key_layer, tokens, sliding_windows(len(tokens), CONTEXT, STRIDE), ids, torch.device("cpu")
+    )
+    torch.testing.assert_close(got, torch.from_numpy(expected[ids]), rtol=1e-5, atol=1e-5)
+    assert final_valid_kl(memory_run, expected) == pytest.approx(manifest.valid["kl"], abs=1e-4)
+
+
+def test_offline_memory_at_another_layer_is_refused(memory_run):
+    with pytest.raises(UsageError, match="offline mode reads the datastore's keys") as err:
+        train_memory(config(memory_run, key_layer="transformer.h.0.ln_2"))
+    assert err.value.field == "mode" and "\n" not in err.value.for_cli()
+    assert not (memory_run / "train-memory.partial").exists()
+    # naming the datastore's own layer is fine offline
+    assert train_memory(config(memory_run, key_depth=1.0, epochs=0.1)).key_layer == KEY_LAYER
+
+
+def test_online_memory_at_the_lm_head(memory_run):
+    """--key-layer lm_head: the forward core runs the full model, keys are the logits (width = vocab size)."""
+    manifest = train_memory(config(memory_run, mode="online", key_layer="lm_head", epochs=0.5, dtype="float32"))
+    memory = load_memory(memory_run)
+    assert manifest.key_layer == memory.config.key_layer == "lm_head"
+    assert memory.config.input_dim == 96 and not manifest.head_from_lm  # head [96, 96] vs the LM's [96, 32]
+    assert manifest.valid["kl"] < manifest.valid_history[0]["kl"]
+    expected = reference_keys(memory_run, lambda lm, ids: lm(ids).logits.detach())
+    assert final_valid_kl(memory_run, expected) == pytest.approx(manifest.valid["kl"], abs=1e-4)

@@ -44,16 +44,20 @@ class ConstantMemory(nn.Module):
 
     def __init__(self, vocab_size: int):
         super().__init__()
-        self.logits = torch.randn(vocab_size)
+        self.register_buffer("logits", torch.randn(vocab_size))  # a buffer: .to(device) moves it
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
         return self.logits.expand(*keys.shape[:-1], -1)
 
 
-def memory_variants(memory: nn.Module, names: list[str], device: torch.device) -> dict[str, tuple[nn.Module | None, str]]:
+def memory_variants(
+    memory: nn.Module, names: list[str], device: torch.device
+) -> dict[str, tuple[nn.Module | None, str]]:
     """name -> (module or None when unavailable here, note)."""
-    out: dict[str, tuple[nn.Module | None, str]] = {"eager": (memory, "MLPMemory as saved, float32"),
-                                                    "plain": (PlainMemory(memory).to(device), "bare forward, float32")}
+    out: dict[str, tuple[nn.Module | None, str]] = {
+        "eager": (memory, "MLPMemory as saved, float32"),
+        "plain": (PlainMemory(memory).to(device), "bare forward, float32"),
+    }
     for name in names:
         if name == "bf16":
             out[name] = (PlainMemory(memory, torch.bfloat16).to(device), "bfloat16 weights and activations")
@@ -66,11 +70,16 @@ def memory_variants(memory: nn.Module, names: list[str], device: torch.device) -
                 q = torch.ao.quantization.quantize_dynamic(PlainMemory(memory), {nn.Linear}, dtype=torch.qint8)
             out[name] = (q, "dynamic int8 Linear (fbgemm), float32 activations")
         elif name == "compile":
-            out[name] = (torch.compile(PlainMemory(memory).to(device), dynamic=False), "torch.compile (inductor) of plain")
+            out[name] = (
+                torch.compile(PlainMemory(memory).to(device), dynamic=False),
+                "torch.compile (inductor) of plain",
+            )
     return out
 
 
-def median_call_ms(fn: Callable[[], object], calls: int, warmup: int = 10, sync: Callable[[], None] = lambda: None) -> float:
+def median_call_ms(
+    fn: Callable[[], object], calls: int, warmup: int = 10, sync: Callable[[], None] = lambda: None
+) -> float:
     """Median wall time of ``fn()`` in milliseconds over ``calls`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
@@ -86,7 +95,13 @@ def median_call_ms(fn: Callable[[], object], calls: int, warmup: int = 10, sync:
 
 @torch.inference_mode()
 def time_variants(
-    memory: nn.Module, names: list[str], key_dim: int, device: torch.device, calls: int = 300, rounds: int = 6, seed: int = 0
+    memory: nn.Module,
+    names: list[str],
+    key_dim: int,
+    device: torch.device,
+    calls: int = 300,
+    rounds: int = 6,
+    seed: int = 0,
 ) -> list[dict]:
     """Per-token (batch 1) ms of each variant and its fidelity: the largest |Δ log p| against eager float32 and the
     mean KL(eager ‖ variant) over 256 random keys. The first call (compilation) is timed apart; then ``rounds``
@@ -110,8 +125,12 @@ def time_variants(
             row["note"] = f"{note}: failed ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
             continue
         kl = (reference.exp() * (reference - log_p)).sum(-1).mean()
-        row.update(max_abs_log_prob_diff=round(float((reference - log_p).abs().max()), 5),
-                   mean_kl=float(f"{float(kl):.3g}"), first_call_s=round(time.perf_counter() - t0, 3), module=module)
+        row.update(
+            max_abs_log_prob_diff=round(float((reference - log_p).abs().max()), 5),
+            mean_kl=float(f"{float(kl):.3g}"),
+            first_call_s=round(time.perf_counter() - t0, 3),
+            module=module,
+        )
         ready[name] = (row, lambda m=module: torch.log_softmax(m(one).float(), -1))
     samples: dict[str, list[float]] = {name: [] for name in ready}
     for _ in range(rounds):

@@ -1,8 +1,15 @@
-"""The benchmark's printed table (ratios to base) and its plot (latency and bytes against datastore size)."""
+"""The benchmark's printed report (table with ratios to base, summary lines) and its plot (latency and bytes
+against datastore size). ``print_report`` is what ``mlpmem bench`` prints."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+
+def output_dir(config: Any) -> Path:
+    """Where bench.json and bench.png go: ``--out-dir``, else RUN_DIR/bench."""
+    return Path(config.out_dir) if config.out_dir else Path(config.run_dir) / "bench"
 
 
 def human_bytes(n: float | None) -> str:
@@ -33,10 +40,13 @@ def format_table(results: list[dict], base_ms: float, base_tps: float) -> str:
         ms, tps = r["ms_per_token"], r["tokens_per_s"]
         lines.append(
             f"{r['system']:<26} {size:>10} {ms:>9.2f} {ms / base_ms:>7.2f} "
-            f"{(f'{tps:,.0f}' if tps else '-'):>10} {(f'{tps / base_tps:.2f}' if tps else '-'):>7} {human_bytes(r['bytes']):>9}"
+            f"{(f'{tps:,.0f}' if tps else '-'):>10} {(f'{tps / base_tps:.2f}' if tps else '-'):>7} "
+            f"{human_bytes(r['bytes']):>9}"
         )
-    lines.append("* synthetic store (random keys of the real width). bytes: model weights for base and "
-                 "decoder-equal-params; added weights for mlp-memory; datastore + index on disk for knn-lm")
+    lines.append(
+        "* synthetic store (random keys of the real width). bytes: model weights for base and "
+        "decoder-equal-params; added weights for mlp-memory; datastore + index on disk for knn-lm"
+    )
     return "\n".join(lines)
 
 
@@ -60,11 +70,15 @@ def plot(results: list[dict], memory_bytes: int, path: Path) -> None:
     for r in (r for r in knn if not r["synthetic"]):
         label = f"knn-lm, the run's datastore ({r['index']})"
         ax1.plot([r["datastore_size"]], [r["ms_per_token"]], "s", color="black", label=label)
-        ax2.plot([r["datastore_size"]], [r["bytes"]], "s", color="black", label=f"the run's datastore + index ({r['index']})")
+        ax2.plot(
+            [r["datastore_size"]], [r["bytes"]], "s", color="black", label=f"the run's datastore + index ({r['index']})"
+        )
     ax2.axhline(memory_bytes, color="C0", label="MLP memory (float32)")
     colors = ["gray", "C0", "C2", "C1", "C4", "C5", "C6"]  # C3 is kNN-LM's
     for i, r in enumerate(flat):
-        ax1.axhline(r["ms_per_token"], color=colors[i % len(colors)], linestyle=":" if i == 0 else "--", label=r["system"])
+        ax1.axhline(
+            r["ms_per_token"], color=colors[i % len(colors)], linestyle=":" if i == 0 else "--", label=r["system"]
+        )
     for ax, ylabel in ((ax1, "decode ms / token (batch 1)"), (ax2, "bytes")):
         ax.set_xscale("log")
         ax.set_xlabel("datastore entries")
@@ -76,3 +90,47 @@ def plot(results: list[dict], memory_bytes: int, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def summary_lines(report: dict) -> str:
+    """The ratios that matter, one per line: memory vs base and decoder, mixing overhead, kNN-LM, storage, crossover."""
+    s, m = report["summary"], report["models"]
+    mix = s["mixing_overhead"]
+    lines = [
+        f"memory: {m['memory_params']:,} params ({'trained' if m['memory_trained'] else 'random init'}); "
+        f"base {m['base_params']:,}; "
+        f"decoder-equal-params {m['decoder_equal_params']:,} ({m['decoder_equal_layers']} layers)",
+        "memory per-token ms (batch 1) alone, hot cache / added to a decode step: "
+        + ", ".join(
+            f"{v['variant']} {v['ms_per_token']:.3f} / {v.get('decode_ms_added', float('nan')):.3f}"
+            + (f" (KL {v['mean_kl']})" if v.get("mean_kl") is not None and v["variant"] != "eager" else "")
+            for v in report["memory_variants"]
+            if v["ms_per_token"] is not None
+        ),
+        f"mlp-memory / base: {s['memory_over_base']}x; "
+        f"decoder-equal-params / mlp-memory: {s['decoder_equal_over_memory']}x"
+        + (
+            f" (/ best memory: {s['decoder_equal_over_best_memory']}x)" if "decoder_equal_over_best_memory" in s else ""
+        ),
+        f"hooks + mixing: {mix['in_hook_ms']:.3f} ms = {100 * mix['share_of_memory_step']:.1f}% "
+        f"of a memory decode step (step difference with a free memory: {mix['step_difference_ms']:.3f} ms)",
+        "kNN-LM / memory decode: "
+        + ", ".join(f"{k}: {v}x" for k, v in s["knn_over_memory"].items())
+        + (
+            " (/ best memory: " + ", ".join(f"{k}: {v}x" for k, v in s["knn_over_best_memory"].items()) + ")"
+            if s["memory_speedup"]["best"]
+            else ""
+        ),
+        "storage (datastore + index) / memory: " + ", ".join(f"{k}: {v}x" for k, v in s["storage_over_memory"].items()),
+        f"crossover: {s['crossover']['size'] or '-'} ({s['crossover']['note']})",
+    ]
+    return "\n".join(lines)
+
+
+def print_report(report: dict, config: Any) -> None:
+    """``mlpmem bench``'s terminal output: the table, the summary lines and where the files went."""
+    base = next(r for r in report["results"] if r["system"] == "base")
+    print(format_table(report["results"], base["ms_per_token"], base["tokens_per_s"]))
+    print(summary_lines(report))
+    out = output_dir(config)
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")

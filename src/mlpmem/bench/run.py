@@ -8,7 +8,7 @@ Systems (batch 1 decode through transformers' generate with the KV cache; median
 one warm-up, then rounds that visit the systems in turn, so load changes hit all of them alike):
   * ``base``: the run's LM;
   * ``mlp-memory``: base + the run's memory (a random-init one of ``memory_blocks`` blocks when the run has none),
-    mixed by the generation hooks; ``mlp-memory+VARIANT``: the same with the fastest faithful speed-up;
+    mixed by the generation hooks; ``mlp-memory+VARIANT``: the same with a faithful speed-up;
   * ``knn-lm``: base + live retrieval at k = 1024, nprobe = 32, p_kNN aggregated over the vocabulary, on the
     run's own datastore and index when it has them and on synthetic IVF-PQ stores of ``datastore_sizes``
     (random keys of the real width, lists ≈ 4·sqrt(N); see ``mlpmem.bench.synthetic``);
@@ -16,15 +16,22 @@ one warm-up, then rounds that visit the systems in turn, so load changes hit all
     (random init: only its speed matters).
 Also: batched scoring throughput (log-probs of every token of ``score_batch`` windows), the memory's own
 per-token cost eager vs bf16 / int8 / torch.compile, and the overhead of the hooks + mixing (a memory that costs
-nothing) as a share of a memory decode step. Writes OUT/bench.json, OUT/bench.png and prints the table.
+nothing, ``mlpmem.bench.overhead``) as a share of a memory decode step. Writes OUT/bench.json and OUT/bench.png;
+``mlpmem.bench.report.print_report`` prints the table.
+
+Steps: ``setup`` → ``measure_memory_variants`` → ``measure_fixed_systems`` (base, memory and its variants,
+free memory, equal-size decoder) → ``measure_knn`` (one row per store) → ``summarise`` → outputs.
 """
 
 from __future__ import annotations
 
 import copy
+import io
+import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +40,34 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from mlpmem.artifacts import Stage, atomic_write_json, environment, open_array, read_json
-from mlpmem.bench.memory_speed import ConstantMemory, parameter_bytes, time_variants
-from mlpmem.bench.report import format_table, plot
+from mlpmem.artifacts import Environment, RunDir, atomic_write_json
+from mlpmem.bench.memory_speed import parameter_bytes, time_variants
+from mlpmem.bench.overhead import free_memory_lm, mixing_overhead
+from mlpmem.bench.report import output_dir, plot
 from mlpmem.bench.synthetic import build_synthetic_index, datastore_bytes, index_file_bytes
 from mlpmem.bench.timing import interleaved_decode_ms, interleaved_scoring_tokens_per_s
 from mlpmem.config import BenchConfig
 from mlpmem.devices import resolve_device
 from mlpmem.errors import UsageError
-from mlpmem.inference.generation import KnnRetriever, MemoryAugmentedLM
+from mlpmem.inference.generation import MemoryAugmentedLM
+from mlpmem.knn.retriever import KnnRetriever
 from mlpmem.lm.keys import key_dim, key_module_path
 from mlpmem.lm.load import load_lm, max_positions, run_lm_dir
 
+log = logging.getLogger(__name__)
+
 # --quick: what it changes, for fields the user did not set
-QUICK = {"datastore_sizes": [10_000, 100_000], "new_tokens": 24, "repeats": 3, "prompt_tokens": 16,
-         "score_batch": 4, "score_context": 64}
+QUICK = {
+    "datastore_sizes": [10_000, 100_000],
+    "new_tokens": 24,
+    "repeats": 3,
+    "prompt_tokens": 16,
+    "score_batch": 4,
+    "score_context": 64,
+}
 FAITHFUL_KL = 1e-3  # a speed-up is used end to end only when its mean KL to the eager memory stays below this
+FREE = "hooks+mixing only"
+DECODER = "decoder-equal-params"
 
 
 def with_quick(config: BenchConfig) -> BenchConfig:
@@ -57,24 +76,114 @@ def with_quick(config: BenchConfig) -> BenchConfig:
     return config.model_copy(update={k: v for k, v in QUICK.items() if k not in config.model_fields_set})
 
 
-def complete(run_dir: Path, stage: str) -> dict | None:
-    manifest = Stage(run_dir, stage).read()
-    return manifest if manifest and manifest.get("status") == "complete" else None
+# set-up ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """The LM, the memory and the inputs every timing shares."""
+
+    run: RunDir
+    model_fp: str
+    lm: PreTrainedModel
+    memory: nn.Module
+    trained: bool  # the run's memory (else random init)
+    memory_layer: str
+    knn_layer: str  # where kNN-LM's queries come from: the run's datastore's layer, else the default key layer
+    knn_dim: int
+    vocab: int
+    prompt: torch.Tensor  # [1, P] random token ids
+    batch: torch.Tensor  # [B, T] random token ids (scoring)
+    device: torch.device
+    own_store: int | None  # entries of the run's datastore when kNN-LM can be timed on it (complete, this LM's)
+
+    @property
+    def base_params(self) -> int:
+        return sum(p.numel() for p in self.lm.parameters())
+
+    @property
+    def memory_params(self) -> int:
+        return sum(p.numel() for p in self.memory.parameters())
 
 
-def load_memory_for(run_dir: Path, lm: PreTrainedModel, config: BenchConfig, device: torch.device) -> tuple[nn.Module, bool]:
-    """The run's trained memory (pairing checked), or a random-init one of the configured size; (memory, trained)."""
+def load_memory_for(
+    run: RunDir, lm: PreTrainedModel, model_fp: str, config: BenchConfig, device: torch.device
+) -> tuple[nn.Module, str, bool]:
+    """The run's trained memory (paired with the LM), or a random-init one of the configured size:
+    (memory, the LM module it reads, trained)."""
     from mlpmem.memory.model import MLPMemory, MLPMemoryConfig, check_pairing, load_memory
 
-    if complete(run_dir, "memory"):
-        memory = load_memory(run_dir, device)
-        check_pairing(memory.config, read_json(run_dir / "lm" / "manifest.json")["model_fingerprint"], memory.config.key_layer)
-        return memory, True
+    if run.complete("train-memory") is not None:
+        memory = load_memory(run.path, device)
+        return memory, check_pairing(memory.config, lm, model_fp), True
     torch.manual_seed(config.seed)
     layer = key_module_path(lm)
     d = key_dim(lm, layer)
-    cfg = MLPMemoryConfig(input_dim=d, hidden_size=d, n_blocks=config.memory_blocks, vocab_size=lm.config.vocab_size, key_layer=layer)
-    return MLPMemory(cfg).to(device).eval(), False
+    cfg = MLPMemoryConfig(
+        input_dim=d, hidden_size=d, n_blocks=config.memory_blocks, vocab_size=lm.config.vocab_size, key_layer=layer
+    )
+    return MLPMemory(cfg).to(device).eval(), layer, False
+
+
+def own_datastore(run: RunDir, model_fp: str):
+    """The run's datastore manifest when it and its index are complete and were built with this LM, else None."""
+    if run.complete("datastore") is None or run.complete("index") is None:
+        return None
+    datastore = run.require("datastore")
+    if datastore.model_fingerprint != model_fp:
+        log.info("bench: the run's datastore was built with another model; timing synthetic stores only")
+        return None
+    run.require("index")
+    return datastore
+
+
+def setup(config: BenchConfig) -> Setup:
+    """Load and check everything; UsageError (one line) before any timing."""
+    run = RunDir(config.run_dir)
+    device = resolve_device(config.device)
+    model_fp = run.require("train-lm").model_fingerprint
+    lm = load_lm(run_lm_dir(run.path), device)
+    lm.generation_config.eos_token_id = None  # every timed generation runs its full length
+    positions = max_positions(lm) or 1024
+    if config.prompt_tokens + config.new_tokens > positions:
+        raise UsageError(
+            f"prompt tokens + new tokens ({config.prompt_tokens + config.new_tokens}) exceed the LM's {positions} "
+            "positions",
+            field="new_tokens",
+        )
+    memory, memory_layer, trained = load_memory_for(run, lm, model_fp, config, device)
+    datastore = own_datastore(run, model_fp)
+    knn_layer = key_module_path(lm, datastore.key_layer if datastore is not None else None)
+    vocab = int(lm.config.vocab_size)
+    g = torch.Generator().manual_seed(config.seed)
+    prompt = torch.randint(0, vocab, (1, config.prompt_tokens), generator=g).to(device)  # [1, P]
+    batch = torch.randint(0, vocab, (config.score_batch, min(config.score_context, positions)), generator=g).to(
+        device
+    )  # [B, T]
+    return Setup(
+        run,
+        model_fp,
+        lm,
+        memory,
+        trained,
+        memory_layer,
+        knn_layer,
+        key_dim(lm, knn_layer),
+        vocab,
+        prompt,
+        batch,
+        device,
+        datastore.entries if datastore is not None else None,
+    )
+
+
+# measurements ---------------------------------------------------------------------------------------------------
+def measure_memory_variants(s: Setup, config: BenchConfig) -> tuple[list[dict], list[dict]]:
+    """(every variant's row, the faithful speed-ups: mean KL to eager <= FAITHFUL_KL)."""
+    log.info("bench: memory per-token cost (variants: eager, plain, %s)", ", ".join(config.optimisations))
+    variants = time_variants(s.memory, config.optimisations, key_dim(s.lm, s.memory_layer), s.device)
+    faithful = [
+        v for v in variants if v["variant"] != "eager" and v["ms_per_token"] is not None and v["mean_kl"] <= FAITHFUL_KL
+    ]
+    return variants, faithful
 
 
 def decoder_equal_params(lm: PreTrainedModel, target: int, device: torch.device) -> tuple[PreTrainedModel, int]:
@@ -94,6 +203,7 @@ def plain_generate(model: PreTrainedModel):
     def generate(ids: torch.Tensor, **kwargs: Any):
         with torch.inference_mode():
             return model.generate(ids, **kwargs)
+
     return generate
 
 
@@ -101,40 +211,150 @@ def plain_score(model: PreTrainedModel):
     def score(batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
+
     return score
 
 
-def stores(config: BenchConfig, run_dir: Path, d: int) -> list[dict]:
-    """The stores kNN-LM is timed on: the run's own (when complete and of the LM's key width), then synthetic ones."""
-    out = []
-    ds, ix = complete(run_dir, "datastore"), complete(run_dir, "index")
-    if ds and ix and ds.get("key_dim") == d:
-        out.append({"size": int(ds["counts"]["entries"]), "synthetic": False})
-    out += [{"size": int(n), "synthetic": True} for n in sorted(set(config.datastore_sizes))]
-    return out
+def variant_bytes(module: nn.Module) -> int:
+    """Bytes of a memory variant's weights as torch would save them (int8 packed weights included)."""
+    buffer = io.BytesIO()
+    torch.save(module.state_dict() if hasattr(module, "state_dict") else {}, buffer)
+    return buffer.getbuffer().nbytes
 
 
-def open_store(store: dict, config: BenchConfig, run_dir: Path, d: int, vocab: int, work: Path) -> tuple[Any, np.ndarray, int, str]:
-    """(index with nprobe set, values [N], bytes of datastore + index, factory)."""
-    from mlpmem.knn.index import load_index, set_nprobe
+@dataclass
+class FixedSystems:
+    """Timings of the systems whose cost does not depend on a datastore, by name."""
 
-    if not store["synthetic"]:
-        index, manifest = load_index(run_dir)
-        set_nprobe(index, config.nprobe)
-        values = np.asarray(open_array(run_dir, "datastore", "values"))
-        files = [run_dir / "datastore" / f"{a}.bin" for a in ("keys", "values")] + [run_dir / "index" / manifest.get("index_file", "index.faiss")]
-        return index, values, sum(f.stat().st_size for f in files if f.exists()), manifest.get("factory", "?")
+    ms: dict[str, float]  # decode ms per token
+    tps: dict[str, float]  # scoring tokens per second
+    bytes: dict[str, int]
+    rows: list[dict]  # bench.json rows: base, mlp-memory, mlp-memory+VARIANT..., decoder-equal-params
+    mixing_overhead: dict[str, Any]
+    decoder_params: int
+    decoder_layers: int
+    memory_lm: MemoryAugmentedLM  # the eager memory, timed again beside each kNN-LM store
+
+
+def measure_fixed_systems(s: Setup, config: BenchConfig, faithful: list[dict]) -> FixedSystems:
+    """Decode latency and scoring throughput of base, memory (eager and faithful variants), the free memory and
+    the equal-size decoder, in interleaved rounds."""
+    log.info("bench: decode latency and scoring throughput of base, memory, equal-size decoder")
+    decoder, decoder_layers = decoder_equal_params(s.lm, s.base_params + s.memory_params, s.device)
+    mlm = MemoryAugmentedLM(s.lm, memory=s.memory, lmbda=config.lmbda, memory_layer=s.memory_layer)
+    decode = {"base": plain_generate(s.lm), "mlp-memory": mlm.generate}
+    score = {"base": plain_score(s.lm), "mlp-memory": mlm.joint_log_probs}
+    sizes = {"base": parameter_bytes(s.lm), "mlp-memory": parameter_bytes(s.memory), DECODER: parameter_bytes(decoder)}
+    for v in faithful:  # in a decode step the memory's weights compete with the LM's for cache: time them there
+        name = f"mlp-memory+{v['variant']}"
+        fast = MemoryAugmentedLM(s.lm, memory=v["module"], lmbda=config.lmbda, memory_layer=s.memory_layer)
+        decode[name], score[name], sizes[name] = fast.generate, fast.joint_log_probs, variant_bytes(v["module"])
+    free = free_memory_lm(s.lm, config.lmbda, s.memory_layer)
+    decode[FREE] = free.generate
+    decode[DECODER], score[DECODER] = plain_generate(decoder), plain_score(decoder)
+    ms = interleaved_decode_ms(decode, s.prompt, config.new_tokens, config.repeats)
+    tps = interleaved_scoring_tokens_per_s(score, s.batch, config.repeats)
+    decoder_params = sum(p.numel() for p in decoder.parameters())
+    rows = []
+    for name in score:
+        row = {
+            "system": name,
+            "datastore_size": None,
+            "synthetic": False,
+            "ms_per_token": round(ms[name], 4),
+            "tokens_per_s": round(tps[name], 1),
+            "bytes": sizes[name],
+        }
+        if name == DECODER:
+            row.update(layers=decoder_layers, params=decoder_params)
+        rows.append(row)
+    overhead = mixing_overhead(free, ms[FREE], ms["base"], ms["mlp-memory"])
+    return FixedSystems(ms, tps, sizes, rows, overhead, decoder_params, decoder_layers, mlm)
+
+
+def best_variant(variants: list[dict], faithful: list[dict], ms: dict[str, float]) -> dict | None:
+    """Note each variant's decode ms added to base; the faithful one adding least, when it beats eager end to end."""
+    next(v for v in variants if v["variant"] == "eager")["decode_ms_added"] = round(ms["mlp-memory"] - ms["base"], 4)
+    for v in faithful:
+        v["decode_ms_added"] = round(ms[f"mlp-memory+{v['variant']}"] - ms["base"], 4)
+    best = min(faithful, key=lambda v: v["decode_ms_added"], default=None)
+    return best if best and ms[f"mlp-memory+{best['variant']}"] < ms["mlp-memory"] else None
+
+
+@dataclass
+class Store:
+    """A datastore kNN-LM is timed on: the run's own or a synthetic one."""
+
+    size: int
+    synthetic: bool
+    build_s: float | None = None
+
+
+def stores(config: BenchConfig, s: Setup) -> list[Store]:
+    """The run's own store (when complete and built with this LM), then the synthetic sizes."""
+    out = [Store(s.own_store, False)] if s.own_store is not None else []
+    return out + [Store(int(n), True) for n in sorted(set(config.datastore_sizes))]
+
+
+def open_store(store: Store, config: BenchConfig, s: Setup, work: Path) -> tuple[KnnRetriever, int, str]:
+    """(retriever with k and nprobe of the config, bytes of datastore + index, index factory)."""
+    if not store.synthetic:
+        from mlpmem.knn.retriever import load_knn
+
+        retriever, datastore = load_knn(
+            s.run, s.model_fp, min(config.k, store.size), config.nprobe, temperature=config.knn_temperature
+        )
+        index = s.run.require("index")
+        size = sum(r.bytes for r in datastore.files.values()) + sum(r.bytes for r in index.files.values())
+        return retriever, size, index.factory or "?"
     t0 = time.time()
-    index, factory = build_synthetic_index(store["size"], d, config.k, config.nprobe, config.seed)
-    path = work / f"synthetic-{store['size']}.faiss"
-    size = datastore_bytes(store["size"], d) + index_file_bytes(index, path)
+    index, factory = build_synthetic_index(store.size, s.knn_dim, config.k, config.nprobe, config.seed)
+    path = work / f"synthetic-{store.size}.faiss"
+    size = datastore_bytes(store.size, s.knn_dim) + index_file_bytes(index, path)
     if not config.keep_indexes:
         path.unlink(missing_ok=True)
-    store["build_s"] = round(time.time() - t0, 1)
-    values = np.random.default_rng(config.seed).integers(0, vocab, store["size"], dtype=np.int32)
-    return index, values, size, factory
+    store.build_s = round(time.time() - t0, 1)
+    values = np.random.default_rng(config.seed).integers(0, s.vocab, store.size, dtype=np.int32)
+    retriever = KnnRetriever(
+        index, values, k=min(config.k, int(index.ntotal)), temperature=config.knn_temperature, nprobe=config.nprobe
+    )
+    return retriever, size, factory
 
 
+def measure_knn(
+    store: Store, config: BenchConfig, s: Setup, fixed: FixedSystems, best: dict | None, work: Path
+) -> dict:
+    """One kNN-LM row: its decode step timed in the same rounds as the eager memory's, and scoring throughput."""
+    label = f"{store.size:,} entries" + (" (synthetic)" if store.synthetic else " (the run's datastore)")
+    log.info("bench: kNN-LM on %s", label)
+    retriever, store_bytes, factory = open_store(store, config, s, work)
+    knn = MemoryAugmentedLM(s.lm, knn=retriever, knn_lmbda=config.lmbda, knn_layer=s.knn_layer)
+    block = interleaved_decode_ms(
+        {"knn-lm": knn.generate, "mlp-memory": fixed.memory_lm.generate}, s.prompt, config.new_tokens, config.repeats
+    )
+    knn_tps = interleaved_scoring_tokens_per_s({"knn-lm": knn.joint_log_probs}, s.batch, config.repeats)["knn-lm"]
+    best_ms = fixed.ms[f"mlp-memory+{best['variant']}"] if best else None
+    row = {
+        "system": "knn-lm",
+        "datastore_size": store.size,
+        "synthetic": store.synthetic,
+        "ms_per_token": round(block["knn-lm"], 4),
+        "tokens_per_s": round(knn_tps, 1),
+        "bytes": int(store_bytes),
+        "index": factory,
+        "k": retriever.k,
+        "nprobe": config.nprobe,
+        "memory_ms_same_rounds": round(block["mlp-memory"], 4),
+        "knn_over_memory": round(block["knn-lm"] / block["mlp-memory"], 3),
+        "knn_over_best_memory": round(block["knn-lm"] / best_ms, 3) if best_ms else None,
+        "storage_over_memory": round(store_bytes / fixed.bytes["mlp-memory"], 2),
+    }
+    if store.build_s is not None:
+        row["build_s"] = store.build_s
+    return row
+
+
+# summary --------------------------------------------------------------------------------------------------------
 def crossover(knn_rows: list[dict], memory_ms: float) -> dict[str, Any]:
     """The datastore size where kNN-LM's decode step becomes slower than the memory's (log-linear interpolation
     over the synthetic stores, which share one index recipe; over all stores when there are none)."""
@@ -142,7 +362,10 @@ def crossover(knn_rows: list[dict], memory_ms: float) -> dict[str, Any]:
     if not rows:
         return {"size": None, "note": "no kNN-LM timings"}
     if rows[0]["ms_per_token"] >= memory_ms:
-        return {"size": None, "note": f"kNN-LM is slower than the memory at every size measured (from {rows[0]['datastore_size']})"}
+        return {
+            "size": None,
+            "note": f"kNN-LM is slower than the memory at every size measured (from {rows[0]['datastore_size']})",
+        }
     for a, b in zip(rows, rows[1:]):
         if a["ms_per_token"] < memory_ms <= b["ms_per_token"]:
             la, lb = math.log(a["datastore_size"]), math.log(b["datastore_size"])
@@ -151,184 +374,82 @@ def crossover(knn_rows: list[dict], memory_ms: float) -> dict[str, Any]:
     return {"size": None, "note": f"kNN-LM stays faster than the memory up to {rows[-1]['datastore_size']} entries"}
 
 
+def summarise(fixed: FixedSystems, knn_rows: list[dict], variants: list[dict], best: dict | None) -> dict[str, Any]:
+    """bench.json's ``summary``: ratios, crossover sizes, mixing overhead and the memory speed-up."""
+    ms = fixed.ms
+    best_name = f"mlp-memory+{best['variant']}" if best else None
+    eager = next(v for v in variants if v["variant"] == "eager")
+    summary = {
+        "memory_over_base": round(ms["mlp-memory"] / ms["base"], 3),
+        "decoder_equal_over_memory": round(ms[DECODER] / ms["mlp-memory"], 3),
+        "crossover": crossover(knn_rows, ms["mlp-memory"]),
+        "crossover_best_memory": crossover(knn_rows, ms[best_name]) if best else None,
+        "knn_over_memory": {str(r["datastore_size"]): r["knn_over_memory"] for r in knn_rows},
+        "knn_over_best_memory": {str(r["datastore_size"]): r["knn_over_best_memory"] for r in knn_rows},
+        "storage_over_memory": {str(r["datastore_size"]): r["storage_over_memory"] for r in knn_rows},
+        "mixing_overhead": fixed.mixing_overhead,
+        "memory_speedup": {
+            "best": best["variant"] if best else None,
+            "decode_ms_added_eager": round(ms["mlp-memory"] - ms["base"], 4),
+            "decode_ms_added_best": best["decode_ms_added"] if best else None,
+            "isolated_ms_eager": eager["ms_per_token"],
+            "isolated_ms_best": best["ms_per_token"] if best else None,
+            "note": "added: decode step minus base's, in the same rounds; isolated: the memory alone, hot cache",
+        },
+    }
+    if best:
+        summary[f"{best_name}_over_base"] = round(ms[best_name] / ms["base"], 3)
+        summary["decoder_equal_over_best_memory"] = round(ms[DECODER] / ms[best_name], 3)
+    return summary
+
+
+# the command ----------------------------------------------------------------------------------------------------
 def bench(config: BenchConfig) -> dict[str, Any]:
     """Run every timing; returns the bench.json dict (also written to OUT_DIR, with bench.png)."""
     import faiss
 
     config = with_quick(config)
-    run_dir = Path(config.run_dir)
-    out_dir = Path(config.out_dir) if config.out_dir else run_dir / "bench"
-    work = out_dir / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     if config.threads:
         torch.set_num_threads(config.threads)
         faiss.omp_set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    started = time.time()
-
-    lm = load_lm(run_lm_dir(run_dir), device)
-    lm.generation_config.eos_token_id = None  # every timed generation runs its full length
-    memory, trained = load_memory_for(run_dir, lm, config, device)
-    layer = key_module_path(lm, getattr(memory.config, "key_layer", None))
-    d, vocab = key_dim(lm, layer), int(lm.config.vocab_size)
-    positions = max_positions(lm) or 1024
-    if config.prompt_tokens + config.new_tokens > positions:
-        raise UsageError(f"--prompt-tokens + --new-tokens ({config.prompt_tokens + config.new_tokens}) exceed the LM's {positions} positions")
-    g = torch.Generator().manual_seed(config.seed)
-    prompt = torch.randint(0, vocab, (1, config.prompt_tokens), generator=g).to(device)  # [1, P]
-    context = min(config.score_context, positions)
-    batch = torch.randint(0, vocab, (config.score_batch, context), generator=g).to(device)  # [B, T]
-
-    print(f"bench: memory per-token cost (variants: eager, plain, {', '.join(config.optimisations)})", flush=True)
-    variants = time_variants(memory, config.optimisations, d, device)
-    faithful = [v for v in variants if v["variant"] != "eager" and v["ms_per_token"] is not None and v["mean_kl"] <= FAITHFUL_KL]
-    eager_ms = next(v["ms_per_token"] for v in variants if v["variant"] == "eager")
-
-    base_params = sum(p.numel() for p in lm.parameters())
-    memory_params = sum(p.numel() for p in memory.parameters())
-    decoder, decoder_layers = decoder_equal_params(lm, base_params + memory_params, device)
-    mlm = MemoryAugmentedLM(lm, memory=memory, lmbda=config.lmbda, key_layer=layer)
-    decode_systems = {"base": plain_generate(lm), "mlp-memory": mlm.generate}
-    score_systems = {"base": plain_score(lm), "mlp-memory": mlm.joint_log_probs}
-    for v in faithful:  # in a decode step the memory's weights compete with the LM's for cache: time them there
-        fast = MemoryAugmentedLM(lm, memory=v["module"], lmbda=config.lmbda, key_layer=layer)
-        decode_systems[f"mlp-memory+{v['variant']}"] = fast.generate
-        score_systems[f"mlp-memory+{v['variant']}"] = fast.joint_log_probs
-    stub = MemoryAugmentedLM(lm, memory=ConstantMemory(vocab).to(device), lmbda=config.lmbda, key_layer=layer)
-    in_hook: list[float] = []  # seconds the mixing hook spends per step with a memory that costs nothing
-    stub.mix = timed(stub.mix, in_hook)
-    decode_systems["hooks+mixing only"] = stub.generate
-    decode_systems["decoder-equal-params"] = plain_generate(decoder)
-    score_systems["decoder-equal-params"] = plain_score(decoder)
-
-    print("bench: decode latency and scoring throughput of base, memory, equal-size decoder", flush=True)
-    ms = interleaved_decode_ms(decode_systems, prompt, config.new_tokens, config.repeats)
-    tps = interleaved_scoring_tokens_per_s(score_systems, batch, config.repeats)
-    lm_bytes, memory_bytes = parameter_bytes(lm), parameter_bytes(memory)
-    sizes = {"base": lm_bytes, "mlp-memory": memory_bytes, "decoder-equal-params": parameter_bytes(decoder)}
-    for v in faithful:
-        sizes[f"mlp-memory+{v['variant']}"] = variant_bytes(v)
-        v["decode_ms_added"] = round(ms[f"mlp-memory+{v['variant']}"] - ms["base"], 4)
-    next(v for v in variants if v["variant"] == "eager")["decode_ms_added"] = round(ms["mlp-memory"] - ms["base"], 4)
-    best = min(faithful, key=lambda v: v["decode_ms_added"], default=None)
-    best = best if best and ms[f"mlp-memory+{best['variant']}"] < ms["mlp-memory"] else None
-    results = [
-        {"system": name, "datastore_size": None, "synthetic": False, "ms_per_token": round(ms[name], 4),
-         "tokens_per_s": round(tps[name], 1), "bytes": sizes[name]}
-        for name in score_systems
-    ]
-    results[-1]["layers"] = decoder_layers
-    results[-1]["params"] = sum(p.numel() for p in decoder.parameters())
-
-    knn_rows = []
-    for store in stores(config, run_dir, d):
-        label = f"{store['size']:,} entries" + (" (synthetic)" if store["synthetic"] else " (the run's datastore)")
-        print(f"bench: kNN-LM on {label}", flush=True)
-        index, values, store_bytes, factory = open_store(store, config, run_dir, d, vocab, work)
-        retriever = KnnRetriever(index, values, k=min(config.k, int(index.ntotal)), temperature=config.knn_temperature, nprobe=config.nprobe)
-        knn = MemoryAugmentedLM(lm, knn=retriever, knn_lmbda=config.lmbda, key_layer=layer)
-        block = interleaved_decode_ms({"knn-lm": knn.generate, "mlp-memory": mlm.generate}, prompt, config.new_tokens, config.repeats)
-        knn_tps = interleaved_scoring_tokens_per_s({"knn-lm": knn.joint_log_probs}, batch, config.repeats)["knn-lm"]
-        row = {"system": "knn-lm", "datastore_size": store["size"], "synthetic": store["synthetic"],
-               "ms_per_token": round(block["knn-lm"], 4), "tokens_per_s": round(knn_tps, 1), "bytes": int(store_bytes),
-               "index": factory, "k": retriever.k, "nprobe": config.nprobe,
-               "memory_ms_same_rounds": round(block["mlp-memory"], 4),
-               "knn_over_memory": round(block["knn-lm"] / block["mlp-memory"], 3),
-               "knn_over_best_memory": round(block["knn-lm"] / ms[f"mlp-memory+{best['variant']}"], 3) if best else None,
-               "storage_over_memory": round(store_bytes / memory_bytes, 2)}
-        if "build_s" in store:
-            row["build_s"] = store["build_s"]
-        knn_rows.append(row)
-        del index, values, retriever, knn
-
-    overhead_ms = ms["hooks+mixing only"] - ms["base"]
-    in_hook_ms = float(np.median(in_hook) * 1e3)
-    summary = {
-        "memory_over_base": round(ms["mlp-memory"] / ms["base"], 3),
-        "decoder_equal_over_memory": round(ms["decoder-equal-params"] / ms["mlp-memory"], 3),
-        "crossover": crossover(knn_rows, ms["mlp-memory"]),
-        "crossover_best_memory": crossover(knn_rows, ms[f"mlp-memory+{best['variant']}"]) if best else None,
-        "knn_over_memory": {str(r["datastore_size"]): r["knn_over_memory"] for r in knn_rows},
-        "knn_over_best_memory": {str(r["datastore_size"]): r["knn_over_best_memory"] for r in knn_rows},
-        "storage_over_memory": {str(r["datastore_size"]): r["storage_over_memory"] for r in knn_rows},
-        "mixing_overhead": {
-            "in_hook_ms": round(in_hook_ms, 4), "share_of_memory_step": round(in_hook_ms / ms["mlp-memory"], 4),
-            "step_difference_ms": round(overhead_ms, 4),
-            "note": "a memory that costs nothing mixed by the same hooks: time inside the mixing hook per step "
-                    "(log-softmaxes + interpolation; the hooks themselves measured free), and its whole decode step "
-                    "minus base's (the same cost plus timing noise)",
-        },
-        "memory_speedup": {
-            "best": best["variant"] if best else None,
-            "decode_ms_added_eager": round(ms["mlp-memory"] - ms["base"], 4),
-            "decode_ms_added_best": best["decode_ms_added"] if best else None,
-            "isolated_ms_eager": eager_ms, "isolated_ms_best": best["ms_per_token"] if best else None,
-            "note": "added: decode step minus base's, in the same rounds; isolated: the memory alone, hot cache",
-        },
-    }
-    if best:
-        name = f"mlp-memory+{best['variant']}"
-        summary[f"{name}_over_base"] = round(ms[name] / ms["base"], 3)
-        summary["decoder_equal_over_best_memory"] = round(ms["decoder-equal-params"] / ms[name], 3)
+    s = setup(config)
+    out_dir = output_dir(config)
+    work = out_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        variants, faithful = measure_memory_variants(s, config)
+        fixed = measure_fixed_systems(s, config, faithful)
+        best = best_variant(variants, faithful, fixed.ms)
+        knn_rows = [measure_knn(store, config, s, fixed, best, work) for store in stores(config, s)]
+    finally:
+        if not config.keep_indexes:
+            shutil.rmtree(work, ignore_errors=True)
     report = {
-        "results": results + knn_rows,
-        "summary": summary,
+        "results": fixed.rows + knn_rows,
+        "summary": summarise(fixed, knn_rows, variants, best),
         "memory_variants": [{k: v for k, v in row.items() if k != "module"} for row in variants],
-        "models": {"base_params": base_params, "memory_params": memory_params, "memory_trained": trained,
-                   "memory_blocks": getattr(memory.config, "n_blocks", None), "key_dim": d, "vocab_size": vocab,
-                   "decoder_equal_params": results[-1]["params"], "decoder_equal_layers": decoder_layers,
-                   "base_layers": lm.config.num_hidden_layers},
-        "decode_ms_all": {k: round(v, 4) for k, v in ms.items()},
+        "models": {
+            "base_params": s.base_params,
+            "memory_params": s.memory_params,
+            "memory_trained": s.trained,
+            "memory_blocks": getattr(s.memory.config, "n_blocks", None),
+            "key_dim": s.knn_dim,
+            "memory_key_dim": key_dim(s.lm, s.memory_layer),
+            "memory_layer": s.memory_layer,
+            "knn_layer": s.knn_layer,
+            "vocab_size": s.vocab,
+            "decoder_equal_params": fixed.decoder_params,
+            "decoder_equal_layers": fixed.decoder_layers,
+            "base_layers": s.lm.config.num_hidden_layers,
+        },
+        "decode_ms_all": {k: round(v, 4) for k, v in fixed.ms.items()},
         "config": config.model_dump(mode="json"),
-        "device": str(device), "threads": torch.get_num_threads(), "seconds": round(time.time() - started, 1),
-        "provenance": environment(),
+        "device": str(s.device),
+        "threads": torch.get_num_threads(),
+        "seconds": round(time.time() - started, 1),
+        "provenance": Environment.current().model_dump(),
     }
     atomic_write_json(out_dir / "bench.json", report)
-    plot(results + knn_rows, memory_bytes, out_dir / "bench.png")
-    if not config.keep_indexes:
-        shutil.rmtree(work, ignore_errors=True)
-    print(format_table(results + knn_rows, ms["base"], tps["base"]))
-    print(summary_lines(report))
-    print(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.png'}")
+    plot(report["results"], fixed.bytes["mlp-memory"], out_dir / "bench.png")
     return report
-
-
-def timed(fn, seconds: list[float]):
-    """``fn`` noting each call's duration in ``seconds``."""
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        seconds.append(time.perf_counter() - t0)
-        return out
-    return wrapper
-
-
-def variant_bytes(variant: dict) -> int:
-    """Bytes of a memory variant's weights as torch would save them (int8 packed weights included)."""
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(variant["module"].state_dict() if hasattr(variant["module"], "state_dict") else {}, buffer)
-    return buffer.getbuffer().nbytes
-
-
-def summary_lines(report: dict) -> str:
-    s, m = report["summary"], report["models"]
-    lines = [
-        f"memory: {m['memory_params']:,} params ({'trained' if m['memory_trained'] else 'random init'}); base {m['base_params']:,}; "
-        f"decoder-equal-params {m['decoder_equal_params']:,} ({m['decoder_equal_layers']} layers)",
-        "memory per-token ms (batch 1) alone, hot cache / added to a decode step: " + ", ".join(
-            f"{v['variant']} {v['ms_per_token']:.3f} / {v.get('decode_ms_added', float('nan')):.3f}"
-            + (f" (KL {v['mean_kl']})" if v.get("mean_kl") is not None and v["variant"] != "eager" else "")
-            for v in report["memory_variants"] if v["ms_per_token"] is not None),
-        f"mlp-memory / base: {s['memory_over_base']}x; decoder-equal-params / mlp-memory: {s['decoder_equal_over_memory']}x"
-        + (f" (/ best memory: {s['decoder_equal_over_best_memory']}x)" if "decoder_equal_over_best_memory" in s else ""),
-        f"hooks + mixing: {s['mixing_overhead']['in_hook_ms']:.3f} ms = {100 * s['mixing_overhead']['share_of_memory_step']:.1f}% "
-        f"of a memory decode step (step difference with a free memory: {s['mixing_overhead']['step_difference_ms']:.3f} ms)",
-        "kNN-LM / memory decode: " + ", ".join(f"{k}: {v}x" for k, v in s["knn_over_memory"].items())
-        + (" (/ best memory: " + ", ".join(f"{k}: {v}x" for k, v in s["knn_over_best_memory"].items()) + ")"
-           if s["memory_speedup"]["best"] else ""),
-        "storage (datastore + index) / memory: " + ", ".join(f"{k}: {v}x" for k, v in s["storage_over_memory"].items()),
-        f"crossover: {s['crossover']['size'] or '-'} ({s['crossover']['note']})",
-    ]
-    return "\n".join(lines)

@@ -48,7 +48,9 @@ def build_synthetic_index(
     quantizer.add(centroids)
     index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8)
     index.do_polysemous_training = False
-    index.pq.cp.min_points_per_centroid = 8  # small stores train on fewer residuals than faiss asks for; fine for timing
+    index.pq.cp.min_points_per_centroid = (
+        8  # small stores train on fewer residuals than faiss asks for; fine for timing
+    )
     n_train = min(PQ_TRAIN, max(n, 10 * 256))  # small stores: no more residuals than keys
     sample = centroids[rng.integers(nlist, size=n_train)] + rng.standard_normal((n_train, d), dtype=np.float32)
     index.train(sample)  # the quantizer already holds nlist centroids: only the PQ codebooks are trained
@@ -69,5 +71,5 @@ def index_file_bytes(index: faiss.Index, path: Path) -> int:
 
 
 def datastore_bytes(n: int, d: int) -> int:
-    """Bytes of a datastore of ``n`` entries as ``mlpmem datastore`` stores it: keys float16 [n, d] + values int32 [n]."""
+    """Bytes of a datastore of ``n`` entries as ``mlpmem datastore`` stores it: keys fp16 [n, d] + values int32 [n]."""
     return n * (2 * d + 4)

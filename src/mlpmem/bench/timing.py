@@ -31,8 +31,15 @@ def decode_step_seconds(generate: Callable[..., object], prompt: torch.Tensor, n
     """
     clock = StepClock()
     generate(
-        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, num_beams=1, use_cache=True, logits_processor=LogitsProcessorList([clock]), pad_token_id=0,
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        logits_processor=LogitsProcessorList([clock]),
+        pad_token_id=0,
     )
     return np.diff(np.asarray(clock.times))
 

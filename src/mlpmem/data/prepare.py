@@ -6,19 +6,19 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 from tokenizers import ByteLevelBPETokenizer
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from mlpmem.artifacts import Stage, fingerprint_obj
+from mlpmem.artifacts import PARTIAL, RunDir, fingerprint_obj
 from mlpmem.config import PrepareConfig
 from mlpmem.data.corpus import SPLITS, load_corpus
 from mlpmem.data.tokens import token_dtype
 from mlpmem.errors import UsageError
 from mlpmem.lm.load import load_tokenizer
+from mlpmem.manifests import PrepareManifest
+from mlpmem.progress import progress
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
@@ -41,7 +41,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str, desc: str) -> np.ndarr
     """Token ids of ``text`` (line by line, newlines kept), as one 1-D array."""
     lines = text.splitlines(keepends=True)
     parts = []
-    with tqdm(total=len(text), desc=f"tokenize {desc}", unit="char", unit_scale=True) as bar:
+    with progress(total=len(text), desc=f"tokenize {desc}", unit="char", unit_scale=True) as bar:
         for i in range(0, len(lines), LINES_PER_BATCH):
             batch = lines[i : i + LINES_PER_BATCH]
             ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
@@ -50,42 +50,37 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str, desc: str) -> np.ndarr
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def refuse_other_tokenizer(stage: Stage, config: PrepareConfig) -> None:
+def refuse_other_tokenizer(run: RunDir, config: PrepareConfig) -> None:
     """A run whose later stages were built on another corpus/tokenizer is not silently re-prepared."""
-    old = stage.read()
-    downstream = [p.name for p in Path(config.run_dir).glob("*/manifest.json") if p.parent.name != "prepare"]
-    identity = config.model_dump(mode="json", exclude={"run_dir"})
-    if old and old.get("config") != identity and downstream:
-        raise UsageError(
-            f"{config.run_dir} was prepared with another corpus or tokenizer and has later stages; use a new --run-dir"
-        )
+    old = run.read("prepare")
+    downstream = [p.parent.name for p in run.path.glob("*/manifest.json")
+                  if p.parent.name.removesuffix(PARTIAL) != "prepare" and not p.parent.name.startswith(".")]
+    if old is not None and old.config.identity() != config.identity() and downstream:
+        raise UsageError(f"{run.path} was prepared with another corpus or tokenizer and has later stages; use a new --run-dir")
 
 
-def prepare(config: PrepareConfig) -> dict:
+def prepare(config: PrepareConfig) -> PrepareManifest:
     """Tokenize the corpus into RUN/prepare/{train,valid,test}.bin; returns the complete manifest."""
-    stage = Stage(config.run_dir, "prepare")
-    refuse_other_tokenizer(stage, config)
-    if stage.begin(config.model_dump(mode="json", exclude={"run_dir"}), {}) == "complete":
-        return stage.manifest
+    run = RunDir(config.run_dir)
+    refuse_other_tokenizer(run, config)
+    build = run.begin("prepare", config, {})
+    if build.status == "complete":
+        return build.manifest
     corpus = load_corpus(config.corpus, config.valid_fraction, config.test_fraction, config.text_column)
     if config.tokenizer is not None:
         tokenizer = load_tokenizer(config.tokenizer)
     else:
         tokenizer = train_bpe(corpus.splits["train"], config.train_tokenizer)
-    tokenizer.save_pretrained(stage.dir / "tokenizer")
+    tokenizer.save_pretrained(build.dir / "tokenizer")
     vocab_size = len(tokenizer)
-    counts = {}
     for split in SPLITS:
         ids = encode(tokenizer, corpus.splits[split], split)
         if len(ids) < 2:
             raise UsageError(f"corpus {config.corpus}: the {split} split has fewer than 2 tokens")
-        arr = stage.add_array(split, token_dtype(vocab_size).name, (len(ids),))
+        arr = build.add_array(split, token_dtype(vocab_size).name, (len(ids),))
         arr[:] = ids
         arr.flush()
-        counts[f"{split}_tokens"] = int(len(ids))
-    counts["vocab_size"] = vocab_size
-    return stage.complete(
-        counts,
+    return build.complete(
         source=corpus.source,
         vocab_size=vocab_size,
         tokenizer_fingerprint=vocab_fingerprint(tokenizer),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpmem.artifacts import open_array, require_stage
+from mlpmem.artifacts import RunDir
 
 SPLITS = ("train", "valid", "test")
 
@@ -18,10 +18,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def open_split(run_dir: Path, split: str) -> np.memmap:
     """Read-only token ids of one prepared split, shape [n_tokens]."""
-    return open_array(run_dir, "prepare", split)
+    return RunDir(run_dir).array("prepare", split)
 
 
 def tokenizer_dir(run_dir: Path) -> Path:
     """The prepared run's tokenizer folder (loadable with AutoTokenizer.from_pretrained)."""
-    require_stage(run_dir, "prepare", f"mlpmem prepare --run-dir {run_dir}")
-    return Path(run_dir) / "prepare" / "tokenizer"
+    RunDir(run_dir).require("prepare")
+    return RunDir(run_dir).file("prepare", "tokenizer")

@@ -3,161 +3,313 @@
     mlpmem evaluate --run-dir runs/demo
     mlpmem evaluate --model gpt2 --corpus wikitext-2 --context 1024 --stride 512
 
-λ (and the kNN temperature T) are tuned on valid over a grid and applied to test. Writes
-RUN/evaluate/results.json and lambda.png, and prints the table.
+λ (and the kNN temperature T) are tuned on valid over a grid and applied to test; the tuned values are recorded
+in the evaluate manifest (``EvaluateManifest.systems``), where ``generate`` reads them. Also writes
+RUN/evaluate/results.json and lambda.png for people.
+
+Steps: ``plan`` (every input found, loaded and checked: nothing is touched before this passes) → ``score_split``
+(one LM pass per split, keys of the datastore's and the memory's layers from the same forward) →
+``summarise`` (tune on valid, apply to every split) → outputs.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from transformers import PreTrainedModel
 
-from mlpmem.artifacts import Stage, atomic_write_json, environment, open_array, read_json, require_stage
+from mlpmem.artifacts import Environment, RunDir, atomic_write_json
 from mlpmem.config import EvaluateConfig
 from mlpmem.data.corpus import load_corpus
 from mlpmem.data.prepare import encode, vocab_fingerprint
-from mlpmem.data.tokens import open_split
 from mlpmem.devices import resolve_device
 from mlpmem.errors import UsageError
 from mlpmem.evaluate.report import plot_lambda_curves
 from mlpmem.evaluate.scoring import knn_log_prob, memory_log_prob, score_tokens
-from mlpmem.evaluate.tune import mixed_perplexity, perplexity, tune_lambda, tune_pair
+from mlpmem.evaluate.tune import mixed_perplexity, perplexity, tune_knn, tune_lambda, tune_pair
+from mlpmem.lm.keys import key_dim, key_module_path
 from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, model_fingerprint, require_model, run_lm_dir
+from mlpmem.manifests import EvaluateManifest, SystemResult
+
+RESULTS_FILE = "results.json"
+PLOT_FILE = "lambda.png"
 
 
-def complete_manifest(run_dir: Path, stage: str) -> dict | None:
-    manifest = Stage(run_dir, stage).read()
-    return manifest if manifest and manifest.get("status") == "complete" else None
+# planning: every input found, loaded and checked before the stage folder is touched -------------------------
+@dataclass
+class Sources:
+    """The LM and the tokens to score: model path or id, fingerprints, token ids per split."""
+
+    model_path: str
+    model_fp: str
+    tokenizer_fp: str
+    tokens: dict[str, np.ndarray]
+    inputs: dict[str, str]  # fingerprints recorded as the stage's inputs
+    trained_context: int | None = None  # the run's LM's training window, when it is the LM evaluated
 
 
-def resolve_sources(config: EvaluateConfig) -> tuple[str, str, str, dict[str, np.ndarray]]:
-    """(model path or id, model fingerprint, tokenizer fingerprint, tokens per split)."""
+@dataclass
+class Plan:
+    """What ``evaluate`` scores, all checked: the LM, window sizes, the memory and/or kNN retriever and their layers."""
+
+    sources: Sources
+    lm: PreTrainedModel
+    context: int
+    stride: int
+    memory: object | None = None
+    memory_layer: str | None = None
+    knn: object | None = None
+    knn_layer: str | None = None
+    inputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key_layers(self) -> list[str]:
+        return list(dict.fromkeys(layer for layer in (self.knn_layer, self.memory_layer) if layer))
+
+
+def resolve_sources(config: EvaluateConfig, run: RunDir) -> Sources:
+    """The model to evaluate (``--model`` or the run's LM) and the tokens of each split (``--corpus`` or the run's)."""
     if config.model is not None:
         model_path, model_fp = require_model(config.model), model_fingerprint(config.model)
+        trained_context = None
     else:
-        model_path = str(run_lm_dir(config.run_dir))
-        model_fp = read_json(Path(config.run_dir) / "lm" / "manifest.json")["model_fingerprint"]
+        lm = run.require("train-lm")
+        model_path, model_fp, trained_context = str(run_lm_dir(run.path)), lm.model_fingerprint, lm.config.context
     if config.corpus is not None:
         tokenizer = load_tokenizer(model_path)
         corpus = load_corpus(config.corpus)
         tokens = {s: encode(tokenizer, corpus.splits[s], s) for s in config.splits}
-        return model_path, model_fp, vocab_fingerprint(tokenizer), tokens
-    prep = require_stage(config.run_dir, "prepare", f"mlpmem prepare --run-dir {config.run_dir}")
-    if config.model is not None and vocab_fingerprint(load_tokenizer(config.model)) != prep["tokenizer_fingerprint"]:
-        raise UsageError(f"{config.run_dir} was prepared with another tokenizer than {config.model}'s; pass --corpus or use a matching run")
-    return model_path, model_fp, prep["tokenizer_fingerprint"], {s: open_split(config.run_dir, s) for s in config.splits}
+        tokenizer_fp = vocab_fingerprint(tokenizer)
+        return Sources(
+            model_path, model_fp, tokenizer_fp, tokens, {"model": model_fp, "tokenizer": tokenizer_fp}, trained_context
+        )
+    prepare = run.require("prepare")
+    if config.model is not None and vocab_fingerprint(load_tokenizer(config.model)) != prepare.tokenizer_fingerprint:
+        raise UsageError(
+            f"{run.path} was prepared with another tokenizer than {config.model}'s; pass --corpus or use a matching run"
+        )
+    tokens = {s: run.array("prepare", s, prepare) for s in config.splits}
+    inputs = {"model": model_fp, "tokenizer": prepare.tokenizer_fingerprint, "prepare": prepare.fingerprint}
+    return Sources(model_path, model_fp, prepare.tokenizer_fingerprint, tokens, inputs, trained_context)
 
 
-def check_datastore(datastore: dict, model_fp: str, tokenizer_fp: str, k: int) -> None:
-    if datastore["model_fingerprint"] != model_fp:
-        raise UsageError("the run's datastore was built with another model than the one evaluated; pass --knn false or rebuild it")
-    if datastore["tokenizer_fingerprint"] != tokenizer_fp:
-        raise UsageError("the run's datastore was built with another tokenizer; pass --knn false or rebuild it")
-    if k > datastore["counts"]["entries"]:
-        raise UsageError(f"--k {k} is larger than the datastore ({datastore['counts']['entries']} entries)")
+def optional_stage(run: RunDir, stage: str):
+    """A stage's complete, current manifest; None when it was never built (a broken or stale one is refused)."""
+    return run.require(stage) if run.complete(stage) is not None else None
 
 
-def evaluate(config: EvaluateConfig) -> dict:
-    """Score, tune on valid, apply to test; returns the results dict (also RUN/evaluate/results.json)."""
-    model_path, model_fp, tokenizer_fp, tokens = resolve_sources(config)
-    run_dir = Path(config.run_dir)
-    datastore = complete_manifest(run_dir, "datastore") if config.knn and config.corpus is None else None
-    index_manifest = complete_manifest(run_dir, "index") if datastore else None
-    memory_manifest = complete_manifest(run_dir, "memory") if config.memory and config.corpus is None else None
-    if datastore and index_manifest:
-        check_datastore(datastore, model_fp, tokenizer_fp, config.k)
-    inputs = {"model": model_fp, "tokenizer": tokenizer_fp}
-    for name, manifest in (("datastore", datastore), ("index", index_manifest), ("memory", memory_manifest)):
-        if manifest:
-            inputs[name] = manifest["fingerprint"]
-    stage = Stage(run_dir, "evaluate")
-    if stage.begin(config.model_dump(mode="json", exclude={"run_dir", "device", "batch_size"}), inputs) == "complete":
-        return read_json(stage.dir / "results.json")
-
-    device = resolve_device(config.device)
-    memory = None
-    if memory_manifest:
-        from mlpmem.memory.model import check_pairing
-        from mlpmem.memory.train import load_memory
-
-        memory = load_memory(run_dir).to(device).eval()
-        check_pairing(memory.config, model_fp, datastore["key_layer"] if datastore else memory.config.key_layer)
-    model = load_lm(model_path, device)
-    index = None
-    if datastore and index_manifest:
-        from mlpmem.knn.index import load_index
-
-        index, _ = load_index(run_dir, datastore)
-    key_layer = datastore["key_layer"] if datastore else (memory.config.key_layer if memory else None)
-    if index is None and memory is None:
-        key_layer = None
-
-    lm_manifest = complete_manifest(run_dir, "lm")
-    context = config.context or (lm_manifest["context"] if lm_manifest and config.model is None else max_positions(model)) or 1024
-    positions = max_positions(model)
+def window_sizes(config: EvaluateConfig, sources: Sources, lm: PreTrainedModel) -> tuple[int, int]:
+    """(context, stride), checked against the model's positions and the number of tokens of every split."""
+    positions = max_positions(lm)
+    context = config.context or sources.trained_context or positions or 1024
     if positions is not None and context > positions:
-        raise UsageError(f"--context {context} exceeds the model's {positions} positions")
+        raise UsageError(f"context {context} exceeds the model's {positions} positions", field="context")
     stride = config.stride or max(1, context // 2)
-    values = np.asarray(open_array(run_dir, "datastore", "values")) if index is not None else None
-    stored_keys = open_array(run_dir, "datastore", "keys") if (index is not None and config.rerank) else None
+    if stride > context:
+        raise UsageError(f"stride {stride} must not exceed the context ({context})", field="stride")
+    for split, tokens in sources.tokens.items():
+        n = min(len(tokens), config.max_tokens or len(tokens))
+        if n < 2:
+            raise UsageError(f"the {split} split has {n} token(s); scoring needs at least 2")
+    return context, stride
 
-    parts: dict[str, dict[str, np.ndarray]] = {}
-    for split, split_tokens in tokens.items():
-        split_tokens = split_tokens[: config.max_tokens] if config.max_tokens else split_tokens
-        scored = score_tokens(model, split_tokens, context, stride, config.batch_size, device, key_layer, desc=f"evaluate {split}")
-        parts[split] = {"lm": scored.lm_log_prob}
-        if memory is not None:
-            parts[split]["mem"] = memory_log_prob(memory, scored.keys, scored.gold, device)
-        if index is not None:
-            parts[split]["knn"] = knn_log_prob(
-                index, scored.keys, scored.gold, values, config.k, config.knn_temperatures, config.nprobe, stored_keys
-            )
-    results, curves = summarise(parts, config)
-    results.update(
-        context=context, stride=stride, model=str(model_path),
-        tokens={s: int(len(p["lm"])) for s, p in parts.items()},
-        config=config.model_dump(mode="json"),
-        provenance=environment(),
+
+def plan_memory(plan: Plan, run: RunDir, device) -> None:
+    """The run's memory, paired with the LM evaluated (its model, module, width and vocabulary)."""
+    from mlpmem.memory.model import check_pairing, load_memory
+
+    manifest = run.require("train-memory")
+    memory = load_memory(run.path, device)
+    plan.memory_layer = check_pairing(memory.config, plan.lm, plan.sources.model_fp)
+    plan.memory = memory
+    plan.inputs["train-memory"] = manifest.fingerprint
+
+
+def plan_knn(plan: Plan, run: RunDir, config: EvaluateConfig) -> None:
+    """The run's index and datastore as a retriever whose queries come from the datastore's key layer."""
+    from mlpmem.knn.retriever import load_knn
+
+    retriever, datastore = load_knn(run, plan.sources.model_fp, config.k, config.nprobe, rerank=config.rerank)
+    layer = key_module_path(plan.lm, datastore.key_layer)
+    if key_dim(plan.lm, layer) != datastore.key_dim:
+        raise UsageError(
+            f"the datastore holds keys of width {datastore.key_dim}, "
+            f"but {layer!r} of the LM gives {key_dim(plan.lm, layer)}"
+        )
+    plan.knn, plan.knn_layer = retriever, layer
+    plan.inputs["datastore"] = datastore.fingerprint
+    plan.inputs["index"] = run.require("index").fingerprint
+
+
+def plan_evaluation(config: EvaluateConfig, run: RunDir) -> Plan:
+    """Find, load and check everything ``evaluate`` needs (UsageError, one line, on the first problem)."""
+    if not config.splits:
+        raise UsageError("no split to score", field="splits")
+    sources = resolve_sources(config, run)
+    on_run = config.corpus is None
+    use_knn = (
+        config.knn
+        and on_run
+        and optional_stage(run, "datastore") is not None
+        and optional_stage(run, "index") is not None
     )
-    if curves:
-        plot_lambda_curves(curves, results["systems"][0][f"{results['tuned_on']}_ppl"], stage.dir / "lambda.png")
-    atomic_write_json(stage.dir / "results.json", results)
-    stage.complete({f"{s}_tokens": n for s, n in results["tokens"].items()}, results_path="results.json")
-    return results
+    use_memory = config.memory and on_run and optional_stage(run, "train-memory") is not None
+    if use_knn:  # cheap refusals before loading any weights
+        from mlpmem.knn.retriever import check_datastore
+
+        check_datastore(run.require("datastore"), sources.model_fp, config.k)
+    device = resolve_device(config.device)
+    lm = load_lm(sources.model_path, device)
+    context, stride = window_sizes(config, sources, lm)
+    plan = Plan(sources, lm, context, stride, inputs=dict(sources.inputs))
+    if use_memory:
+        plan_memory(plan, run, device)
+    if use_knn:
+        plan_knn(plan, run, config)
+    return plan
 
 
-def summarise(parts: dict[str, dict[str, np.ndarray]], config: EvaluateConfig) -> tuple[dict, dict[str, dict[float, float]]]:
-    """Systems with λ (and T) tuned on valid (when scored) and applied to every split; and the λ curves."""
-    tune_split = "valid" if "valid" in parts else next(iter(parts))
-    tune = parts[tune_split]
-    ppl = lambda split, comps, weights: mixed_perplexity([parts[split][c] for c in comps], weights)  # noqa: E731
-    systems = [{"name": "base", **{f"{s}_ppl": perplexity(p["lm"]) for s, p in parts.items()}, "lambda": None, "temperature": None}]
-    curves: dict[str, dict[float, float]] = {}
-    best_t = None
-    if "knn" in tune:
-        scores = {}
-        for t, temperature in enumerate(config.knn_temperatures):
-            lmbda, curve = tune_lambda(tune["lm"], tune["knn"][:, t], config.lmbdas)
-            scores[(t, lmbda)] = curve[lmbda]
-        (best_t, lmbda_knn) = min(scores, key=scores.get)
-        for p in parts.values():
-            p["knn"] = p["knn"][:, best_t]
-        _, curves["knn-lm"] = tune_lambda(tune["lm"], tune["knn"], config.lmbdas)
-        systems.append({"name": "knn-lm", **{f"{s}_ppl": ppl(s, ["lm", "knn"], [1 - lmbda_knn, lmbda_knn]) for s in parts},
-                        "lambda": lmbda_knn, "temperature": config.knn_temperatures[best_t]})
-    if "mem" in tune:
-        lmbda_mem, curves["mlp-memory"] = tune_lambda(tune["lm"], tune["mem"], config.lmbdas)
-        systems.append({"name": "mlp-memory", **{f"{s}_ppl": ppl(s, ["lm", "mem"], [1 - lmbda_mem, lmbda_mem]) for s in parts},
-                        "lambda": lmbda_mem, "temperature": None})
-    if "mem" in tune and "knn" in tune:
-        (lm_, lk), _ = tune_pair(tune["lm"], tune["mem"], tune["knn"], config.lmbdas)
-        weights = [1 - lm_ - lk, lm_, lk]
-        systems.append({"name": "mlp-memory+knn-lm", **{f"{s}_ppl": ppl(s, ["lm", "mem", "knn"], weights) for s in parts},
-                        "lambda": round(lm_ + lk, 6), "weights": {"mlp-memory": lm_, "knn-lm": lk},
-                        "temperature": config.knn_temperatures[best_t]})
+# scoring ------------------------------------------------------------------------------------------------------
+def score_split(plan: Plan, tokens: np.ndarray, config: EvaluateConfig, split: str) -> dict[str, np.ndarray]:
+    """log p(gold) per scored position of one split: ``lm`` [N], ``mem`` [N], ``knn`` [N, len(T grid)]."""
+    tokens = tokens[: config.max_tokens] if config.max_tokens else tokens
+    scored = score_tokens(
+        plan.lm, tokens, plan.context, plan.stride, config.batch_size, plan.key_layers, desc=f"evaluate {split}"
+    )
+    parts = {"lm": scored.lm_log_prob}
+    if plan.memory is not None:
+        parts["mem"] = memory_log_prob(plan.memory, scored.keys[plan.memory_layer], scored.gold)
+    if plan.knn is not None:
+        parts["knn"] = knn_log_prob(plan.knn, scored.keys[plan.knn_layer], scored.gold, config.knn_temperatures)
+    check_scores(parts, split)
+    return parts
+
+
+COMPONENT_NAMES = {"lm": "the LM", "mem": "the memory", "knn": "kNN-LM"}
+
+
+def check_scores(parts: dict[str, np.ndarray], split: str) -> None:
+    """NaN anywhere, or a non-finite LM log-prob, is refused (kNN-LM may give -inf: the gold token not retrieved)."""
+    for name, values in parts.items():
+        bad = int(np.isnan(values).sum()) if name != "lm" else int((~np.isfinite(values)).sum())
+        if bad:
+            raise UsageError(
+                f"{COMPONENT_NAMES[name]} gives {bad:,} non-finite log-probabilities on {split} "
+                "(diverged or damaged weights?); retrain it or leave it out"
+            )
+
+
+# tuning on valid, applied to every split -----------------------------------------------------------------------
+Parts = dict[str, dict[str, np.ndarray]]
+
+
+def split_ppls(parts: Parts, components: list[str], weights: list[float]) -> dict[str, float]:
+    """``{split}_ppl`` of the mixture Σ w_i p_i on every split."""
+    return {f"{split}_ppl": mixed_perplexity([p[c] for c in components], weights) for split, p in parts.items()}
+
+
+def base_system(parts: Parts) -> SystemResult:
+    return SystemResult(name="base", **{f"{split}_ppl": perplexity(p["lm"]) for split, p in parts.items()})
+
+
+def knn_system(parts: Parts, tuned_on: str, config: EvaluateConfig) -> tuple[SystemResult, Parts, dict[float, float]]:
+    """kNN-LM with (T, λ) tuned on ``tuned_on``; the parts with the tuned T's column as ``knn``; its λ curve."""
+    tune = parts[tuned_on]
+    t, lmbda, curve = tune_knn(tune["lm"], tune["knn"], config.knn_temperatures, config.lmbdas)
+    chosen = {split: {**p, "knn": p["knn"][:, t]} for split, p in parts.items()}
+    row = SystemResult(
+        name="knn-lm",
+        lmbda=lmbda,
+        temperature=config.knn_temperatures[t],
+        **split_ppls(chosen, ["lm", "knn"], [1 - lmbda, lmbda]),
+    )
+    return row, chosen, curve
+
+
+def memory_system(parts: Parts, tuned_on: str, config: EvaluateConfig) -> tuple[SystemResult, dict[float, float]]:
+    tune = parts[tuned_on]
+    lmbda, curve = tune_lambda(tune["lm"], tune["mem"], config.lmbdas)
+    return SystemResult(name="mlp-memory", lmbda=lmbda, **split_ppls(parts, ["lm", "mem"], [1 - lmbda, lmbda])), curve
+
+
+def combined_system(parts: Parts, tuned_on: str, config: EvaluateConfig, temperature: float) -> SystemResult:
+    """Memory + kNN-LM (at kNN-LM's tuned T) with both weights tuned on ``tuned_on``."""
+    tune = parts[tuned_on]
+    (lm_, lk), _ = tune_pair(tune["lm"], tune["mem"], tune["knn"], config.lmbdas)
+    ppls = split_ppls(parts, ["lm", "mem", "knn"], [1 - lm_ - lk, lm_, lk])
+    return SystemResult(
+        name="mlp-memory+knn-lm",
+        lmbda=round(lm_ + lk, 6),
+        weights={"mlp-memory": lm_, "knn-lm": lk},
+        temperature=temperature,
+        **ppls,
+    )
+
+
+def summarise(parts: Parts, config: EvaluateConfig) -> tuple[list[SystemResult], str, dict[str, dict[float, float]]]:
+    """Every system with λ (and T) tuned on valid (when scored, else the first split) and applied to every split;
+    the split tuned on; validation PPL against λ per system."""
+    tuned_on = "valid" if "valid" in parts else next(iter(parts))
+    systems, curves = [base_system(parts)], {}
+    has_knn, has_mem = "knn" in parts[tuned_on], "mem" in parts[tuned_on]
+    if has_knn:
+        row, parts, curves["knn-lm"] = knn_system(parts, tuned_on, config)
+        systems.append(row)
+    if has_mem:
+        row, curves["mlp-memory"] = memory_system(parts, tuned_on, config)
+        systems.append(row)
+    if has_knn and has_mem:
+        systems.append(combined_system(parts, tuned_on, config, systems[1].temperature))
+    check_systems(systems)
+    return systems, tuned_on, curves
+
+
+def check_systems(systems: list[SystemResult]) -> None:
+    """A perplexity that is not finite is an error, never a printed ``nan``."""
     for s in systems:
-        s.setdefault("valid_ppl", None)
-        s.setdefault("test_ppl", None)
-    curves_json = {name: {str(x): y for x, y in curve.items()} for name, curve in curves.items()}
-    return {"systems": systems, "tuned_on": tune_split, "lambda_curves": curves_json}, curves
+        for split, value in (("valid", s.valid_ppl), ("test", s.test_ppl)):
+            if value is not None and not math.isfinite(value):
+                raise UsageError(
+                    f"{s.name}'s {split} perplexity is {value} (non-finite scores); check the model and memory weights"
+                )
+
+
+# the stage ------------------------------------------------------------------------------------------------------
+def evaluate(config: EvaluateConfig) -> EvaluateManifest:
+    """Score, tune on valid, apply to test; returns the complete evaluate manifest (tuned λ/T in ``systems``)."""
+    run = RunDir(config.run_dir)
+    plan = plan_evaluation(config, run)
+    build = run.begin("evaluate", config, plan.inputs)
+    if build.status == "complete":
+        return build.manifest
+    parts = {split: score_split(plan, tokens, config, split) for split, tokens in plan.sources.tokens.items()}
+    systems, tuned_on, curves = summarise(parts, config)
+    fields = dict(
+        model=plan.sources.model_path,
+        context=plan.context,
+        stride=plan.stride,
+        tokens={split: int(len(p["lm"])) for split, p in parts.items()},
+        tuned_on=tuned_on,
+        systems=systems,
+        lambda_curves={name: {str(x): y for x, y in c.items() if math.isfinite(y)} for name, c in curves.items()},
+    )
+    write_outputs(build.dir, fields, curves, config)
+    return build.complete(**fields)
+
+
+def write_outputs(folder: Path, fields: dict, curves: dict[str, dict[float, float]], config: EvaluateConfig) -> None:
+    """results.json (the table with its provenance) and lambda.png, for people; the manifest holds the same values."""
+    results = {
+        "systems": [s.model_dump(mode="json") for s in fields["systems"]],
+        **{k: v for k, v in fields.items() if k != "systems"},
+        "config": config.model_dump(mode="json"),
+        "provenance": Environment.current().model_dump(),
+    }
+    atomic_write_json(folder / RESULTS_FILE, results)
+    if curves:
+        base = fields["systems"][0]
+        finite = {name: {x: y for x, y in c.items() if math.isfinite(y)} for name, c in curves.items()}
+        plot_lambda_curves(finite, getattr(base, f"{fields['tuned_on']}_ppl"), folder / PLOT_FILE)

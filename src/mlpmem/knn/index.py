@@ -9,7 +9,8 @@ Default factory from the datastore size N and key width d:
     else ``IVF{nlist},Flat``. nprobe defaults to min(32, nlist).
 The quantizers are trained on a seeded random sample; keys are added in float32 chunks (never a full float32
 copy); PQ codes skip polysemous training (used only for Hamming filtering, never here). The CPU index is
-written atomically to ``RUN/index/index.faiss``.
+written atomically to ``RUN/index/index.faiss``; a factory whose lists outnumber the training keys is refused before
+any work.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
 
-from mlpmem.artifacts import Stage, open_array, require_stage
+from mlpmem.artifacts import RunDir, disk_errors
 from mlpmem.config import IndexConfig
 from mlpmem.errors import UsageError
+from mlpmem.manifests import IndexManifest
 
 INDEX_FILE = "index.faiss"
 PQ_CHOICES = (64, 32, 16, 8)
@@ -72,12 +73,12 @@ def _to_gpu(index: faiss.Index, use_gpu: str) -> tuple[faiss.Index, bool]:
     if use_gpu == "no" or (use_gpu == "auto" and n_gpus == 0):
         return index, False
     if n_gpus == 0:
-        raise UsageError("--use-gpu yes: FAISS sees no GPU (install faiss-gpu, or use --use-gpu auto)")
+        raise UsageError("FAISS sees no GPU (install faiss-gpu, or use auto)", field="use_gpu")
     try:
         return faiss.index_cpu_to_all_gpus(index), True
     except RuntimeError as err:
         if use_gpu == "yes":
-            raise UsageError(f"--use-gpu yes: this index cannot run on the GPU: {str(err).strip().splitlines()[0]}") from None
+            raise UsageError(f"this index cannot run on the GPU: {str(err).strip().splitlines()[0]}", field="use_gpu") from None
         return index, False
 
 
@@ -85,37 +86,54 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # ru_maxrss is KiB on Linux
 
 
-def build_index(config: IndexConfig) -> dict[str, Any]:
-    """Build, train, fill and save the FAISS index of the run's datastore; returns the index manifest."""
-    run_dir = Path(config.run_dir)
-    datastore = require_stage(run_dir, "datastore", f"mlpmem datastore --run-dir {run_dir}")
-    stage = Stage(run_dir, "index")
-    if stage.begin(config.model_dump(mode="json", exclude={"run_dir"}), {"datastore": datastore["fingerprint"]}) == "complete":
-        return stage.manifest
-    keys = open_array(run_dir, "datastore", "keys")  # [N, d] memmap
-    n, d = keys.shape
-    factory = config.factory or default_factory(n, d, config.flat_threshold, config.train_size)
+def make_index(factory: str, d: int, use_gpu: str) -> tuple[faiss.Index, int | None, bool]:
+    """An empty index from a factory string (polysemous training off); (index, nlist, on_gpu)."""
     try:
         cpu_index = faiss.index_factory(d, factory, faiss.METRIC_L2)
     except RuntimeError as err:
-        raise UsageError(f"--factory {factory!r} is not a FAISS factory string: {str(err).strip().splitlines()[-1]}") from None
+        raise UsageError(f"{factory!r} is not a FAISS factory string: {str(err).strip().splitlines()[-1]}", field="factory") from None
     ivf = faiss.try_extract_index_ivf(cpu_index)
     if ivf is not None and hasattr(faiss.downcast_index(ivf), "do_polysemous_training"):
         # polysemous codes only serve Hamming filtering, which we never use; their training dominated build time
         faiss.downcast_index(ivf).do_polysemous_training = False
-    nlist = index_nlist(cpu_index)
-    nprobe = config.nprobe or (min(32, nlist) if nlist else None)
-    index, on_gpu = _to_gpu(cpu_index, config.use_gpu)
+    index, on_gpu = _to_gpu(cpu_index, use_gpu)
+    return index, index_nlist(cpu_index), on_gpu
 
+
+MIN_KEYS_PER_LIST = 39  # FAISS's own lower bound for a k-means it trusts
+
+
+def check_trainable(nlist: int | None, n_train: int, factory: str) -> None:
+    """Refuse, before any work, a factory whose k-means would get fewer than 39 training keys per list."""
+    if nlist is not None and n_train < MIN_KEYS_PER_LIST * nlist:
+        raise UsageError(f"{factory!r} has {nlist} lists but only {n_train} keys to train them (at least "
+                         f"{MIN_KEYS_PER_LIST} per list); use fewer lists, a larger --train-size or more keys", field="factory")
+
+
+def build_index(config: IndexConfig) -> IndexManifest:
+    """Build, train, fill and save the FAISS index of the run's datastore; returns the index manifest."""
+    run = RunDir(config.run_dir)
+    datastore = run.require("datastore")
+    inputs = {"datastore": datastore.fingerprint}
+    if (done := run.reusable("index", config, inputs)) is not None:
+        return done
+    keys = run.array("datastore", "keys", datastore)  # [N, d] memmap
+    n, d = keys.shape
+    factory = config.factory or default_factory(n, d, config.flat_threshold, config.train_size)
+    index, nlist, on_gpu = make_index(factory, d, config.use_gpu)
+    n_train = min(config.train_size, n)
+    check_trainable(nlist, n_train, factory)
+    nprobe = config.nprobe or (min(32, nlist) if nlist else None)
+
+    build = run.begin("index", config, inputs)
     t0 = time.time()
     if not index.is_trained:
-        n_train = min(config.train_size, n)
         rows = np.sort(np.random.default_rng(config.seed).choice(n, n_train, replace=False))
         sample = np.ascontiguousarray(keys[rows], dtype=np.float32)  # [n_train, d]
         try:
             index.train(sample)
         except RuntimeError as err:
-            raise UsageError(f"cannot train {factory!r} on {n_train} keys (use a smaller nlist or more --train-size): {str(err).strip().splitlines()[-1]}") from None
+            raise UsageError(f"cannot train {factory!r} on {n_train} keys: {str(err).strip().splitlines()[-1]}", field="factory") from None
         del sample
     train_seconds = time.time() - t0
     for a in range(0, n, config.add_chunk):
@@ -125,50 +143,36 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
     set_nprobe(index, nprobe)
     build_seconds = time.time() - t0
 
-    tmp = stage.dir / f".{INDEX_FILE}.tmp"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, stage.dir / INDEX_FILE)
-    stage.manifest["timings"].update(train_seconds=round(train_seconds, 2), build_seconds=round(build_seconds, 2))
-    return stage.complete(
-        {"ntotal": int(index.ntotal)},
-        factory=factory,
-        metric="squared_l2",
-        nlist=nlist,
-        nprobe=nprobe,
-        ntotal=int(index.ntotal),
-        dim=int(d),
-        key_layer=datastore.get("key_layer"),
-        datastore_fingerprint=datastore["fingerprint"],
-        index_file=INDEX_FILE,
-        index_bytes=(stage.dir / INDEX_FILE).stat().st_size,
-        built_on_gpu=on_gpu,
-        peak_rss_mb=_peak_rss_mb(),
-    )
+    tmp = build.dir / f".{INDEX_FILE}.tmp"
+    with disk_errors(build.dir / INDEX_FILE):
+        try:
+            faiss.write_index(index, str(tmp))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    os.replace(tmp, build.dir / INDEX_FILE)
+    build.manifest.timings = {**build.manifest.timings, "train_seconds": round(train_seconds, 2), "build_seconds": round(build_seconds, 2)}
+    return build.complete(factory=factory, nlist=nlist, nprobe=nprobe, ntotal=int(index.ntotal), built_on_gpu=on_gpu,
+                          peak_rss_mb=_peak_rss_mb())
 
 
-def load_index(
-    run_dir: Path, expected_datastore_manifest: dict[str, Any] | None = None, use_gpu: str = "no"
-) -> tuple[faiss.Index, dict[str, Any]]:
+def load_index(run_dir: Path, use_gpu: str = "no") -> tuple[faiss.Index, IndexManifest]:
     """The run's index (nprobe set from its manifest) and its manifest.
 
-    Refuses, with one line, an index built over another datastore than ``expected_datastore_manifest``
-    (default: the run's own datastore) or of another key width. ``use_gpu`` ("no", "auto", "yes") clones it
-    to the GPUs.
+    ``RunDir.require`` has checked the file's size and content hash and that the index was built over the run's
+    current datastore; the index's width is checked against the datastore's keys. ``use_gpu`` ("no", "auto",
+    "yes") clones it to the GPUs.
     """
-    run_dir = Path(run_dir)
-    manifest = require_stage(run_dir, "index", f"mlpmem index --run-dir {run_dir}")
-    datastore = expected_datastore_manifest or require_stage(run_dir, "datastore", f"mlpmem datastore --run-dir {run_dir}")
-    built_over = manifest.get("inputs", {}).get("datastore")
-    if built_over != datastore.get("fingerprint"):
-        raise UsageError(
-            f"{run_dir / 'index'} was built over another datastore (fingerprint {built_over}, "
-            f"expected {datastore.get('fingerprint')}); rerun `mlpmem index --run-dir {run_dir}`"
-        )
-    if manifest.get("dim") != datastore.get("key_dim"):
-        raise UsageError(f"index dimension {manifest.get('dim')} does not match the datastore's key width {datastore.get('key_dim')}")
-    index = faiss.read_index(str(run_dir / "index" / manifest.get("index_file", INDEX_FILE)))
-    if index.d != manifest["dim"]:
-        raise UsageError(f"{run_dir / 'index' / INDEX_FILE} has dimension {index.d}, its manifest says {manifest['dim']}")
+    run = RunDir(run_dir)
+    manifest, datastore = run.require("index"), run.require("datastore")
+    path = run.file("index", INDEX_FILE)
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as err:
+        raise UsageError(f"{path} is not a readable FAISS index ({str(err).strip().splitlines()[-1][:80]}); rerun `mlpmem index`") from None
+    if index.d != datastore.key_dim or index.ntotal != datastore.entries:
+        raise UsageError(f"{path} holds {index.ntotal} keys of width {index.d}, the datastore {datastore.entries} of width "
+                         f"{datastore.key_dim}; rerun `mlpmem index`")
     index, _ = _to_gpu(index, use_gpu)
-    set_nprobe(index, manifest.get("nprobe"))
+    set_nprobe(index, manifest.nprobe)
     return index, manifest

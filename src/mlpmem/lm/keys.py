@@ -1,4 +1,4 @@
-"""The key hook: the input of the last transformer block's feed-forward sub-layer, per model family.
+"""The key hook: the input of a transformer block's feed-forward sub-layer (the last block's by default), per family.
 
 kNN-LM (Khandelwal et al. 2020) found this the best key: the output of the last block's second norm
 (``ln_2`` in GPT-2, ``post_attention_layernorm`` in Llama/Mistral/Qwen2/GPT-NeoX, ``final_layer_norm`` in
@@ -19,19 +19,19 @@ from transformers import PreTrainedModel
 
 from mlpmem.errors import UsageError
 
-# model_type -> module path of the last block's feed-forward input norm ({last} = index of the last block)
+# model_type -> module path of a block's feed-forward input norm ({block} = the block's index)
 KEY_MODULES: dict[str, str] = {
-    "gpt2": "transformer.h.{last}.ln_2",
-    "gpt_neox": "gpt_neox.layers.{last}.post_attention_layernorm",
-    "opt": "model.decoder.layers.{last}.final_layer_norm",
-    "llama": "model.layers.{last}.post_attention_layernorm",
-    "mistral": "model.layers.{last}.post_attention_layernorm",
-    "qwen2": "model.layers.{last}.post_attention_layernorm",
+    "gpt2": "transformer.h.{block}.ln_2",
+    "gpt_neox": "gpt_neox.layers.{block}.post_attention_layernorm",
+    "opt": "model.decoder.layers.{block}.final_layer_norm",
+    "llama": "model.layers.{block}.post_attention_layernorm",
+    "mistral": "model.layers.{block}.post_attention_layernorm",
+    "qwen2": "model.layers.{block}.post_attention_layernorm",
 }
 
 # OPT-350m style (do_layer_norm_before=False) normalises after the sub-layers: there the feed-forward input is
 # the output of the attention norm, and final_layer_norm follows the feed-forward.
-_OPT_POST_NORM = "model.decoder.layers.{last}.self_attn_layer_norm"
+_OPT_POST_NORM = "model.decoder.layers.{block}.self_attn_layer_norm"
 
 
 def _n_layers(model: PreTrainedModel) -> int:
@@ -43,8 +43,16 @@ def _n_layers(model: PreTrainedModel) -> int:
     raise UsageError(f"cannot tell how many layers the {cfg.model_type!r} model has; give --key-layer MODULE_PATH")
 
 
-def key_module_path(model: PreTrainedModel, key_layer: str | None = None) -> str:
-    """The module whose output is the key: ``key_layer`` when given, else the family's entry in KEY_MODULES."""
+def depth_block(model: PreTrainedModel, depth: float) -> int:
+    """The block at ``depth`` (0 < depth <= 1) of the model's layers: ceil(depth * n) - 1 (1.0: the last block)."""
+    import math
+
+    return max(0, math.ceil(depth * _n_layers(model) - 1e-9) - 1)
+
+
+def key_module_path(model: PreTrainedModel, key_layer: str | None = None, depth: float | None = None) -> str:
+    """The module whose output is the key: ``key_layer`` when given, else the family's feed-forward input norm of
+    the block at ``depth`` (default: the last block)."""
     if key_layer is None:
         family = model.config.model_type
         if family not in KEY_MODULES:
@@ -56,7 +64,7 @@ def key_module_path(model: PreTrainedModel, key_layer: str | None = None) -> str
         template = KEY_MODULES[family]
         if family == "opt" and not getattr(model.config, "do_layer_norm_before", True):
             template = _OPT_POST_NORM
-        key_layer = template.format(last=_n_layers(model) - 1)
+        key_layer = template.format(block=depth_block(model, depth) if depth is not None else _n_layers(model) - 1)
     try:
         model.get_submodule(key_layer)
     except AttributeError:

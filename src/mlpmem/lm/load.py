@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from mlpmem.artifacts import fingerprint_obj, fingerprint_path, require_stage
+from mlpmem.artifacts import RunDir, fingerprint_obj, fingerprint_path
 from mlpmem.errors import UsageError
 
 
 def run_lm_dir(run_dir: Path) -> Path:
-    """The model folder written by ``mlpmem train-lm`` in a run."""
-    require_stage(run_dir, "lm", f"mlpmem train-lm --run-dir {run_dir}")
-    return Path(run_dir) / "lm" / "model"
+    """The model folder written by ``mlpmem train-lm`` in a run (its files' sizes and hashes checked)."""
+    RunDir(run_dir).require("train-lm")
+    return RunDir(run_dir).file("train-lm", "model")
 
 
 def _looks_local(name: str) -> bool:
@@ -41,10 +42,20 @@ def load_lm(name_or_path: str | Path, device: torch.device | str = "cpu") -> Pre
     name = require_model(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(name)
+    except pickle.UnpicklingError:
+        raise UsageError(f"refusing to load {name!r}: its weights are a pickle that is not plain tensors (convert it to safetensors)") from None
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load model {name!r} (not a local model folder or a reachable HF id): {first}") from None
+    check_finite_weights(model, name)
     return model.to(device).eval()
+
+
+def check_finite_weights(model: torch.nn.Module, name: str) -> None:
+    """UsageError when a loaded model holds nan/inf weights (a diverged or damaged model gives nan everywhere)."""
+    for param_name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise UsageError(f"model {name!r} holds nan/inf weights ({param_name}); retrain it")
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:

@@ -2,24 +2,21 @@
 
     mlpmem train-lm --run-dir runs/demo --n-layer 4 --n-embd 256 --max-steps 1000
 
-Resumes from RUN/lm/checkpoints/last after a kill; multi-GPU through `accelerate launch` (each rank draws its
-own windows). Saved with save_pretrained to RUN/lm/model, so AutoModelForCausalLM.from_pretrained loads it.
+Resumes from its last checkpoint after a kill; multi-GPU through `accelerate launch` (each rank draws its own
+windows). Saved with save_pretrained to RUN/train-lm/model, so AutoModelForCausalLM.from_pretrained loads it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import shutil
 import time
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from mlpmem.artifacts import Stage
+from mlpmem.artifacts import RunDir, StageBuild
 from mlpmem.checkpoints import load_checkpoint, save_checkpoint, save_pretrained_atomically
 from mlpmem.config import TrainLMConfig
 from mlpmem.data.prepare import vocab_fingerprint
@@ -27,16 +24,11 @@ from mlpmem.data.tokens import open_split, tokenizer_dir
 from mlpmem.devices import resolve_device, resolve_dtype
 from mlpmem.errors import UsageError
 from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, model_fingerprint
+from mlpmem.manifests import PrepareManifest, TrainLMManifest
+from mlpmem.progress import progress
+from mlpmem.training import check_finite, check_weights_finite, checkpoint_due, make_optimizer, make_scheduler, safe_exp
 
 log = logging.getLogger(__name__)
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then linear decay to ``min_ratio`` at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 1.0 - (1.0 - min_ratio) * progress
 
 
 def random_windows(tokens: np.ndarray, context: int, batch_size: int, rng: np.random.Generator) -> torch.Tensor:
@@ -54,8 +46,6 @@ def build_model(config: TrainLMConfig, vocab_size: int, prepared_tokenizer_fp: s
             n_head=config.n_head, resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
             bos_token_id=0, eos_token_id=0,
         )
-        if config.n_embd % config.n_head:
-            raise UsageError(f"--n-embd ({config.n_embd}) must be divisible by --n-head ({config.n_head})")
         return GPT2LMHeadModel(gpt2)
     if vocab_fingerprint(load_tokenizer(config.model)) != prepared_tokenizer_fp:
         raise UsageError(
@@ -65,7 +55,7 @@ def build_model(config: TrainLMConfig, vocab_size: int, prepared_tokenizer_fp: s
     model = load_lm(config.model, "cpu").train()
     positions = max_positions(model)
     if positions is not None and config.context > positions:
-        raise UsageError(f"--context {config.context} exceeds {config.model}'s {positions} positions")
+        raise UsageError(f"context {config.context} exceeds {config.model}'s {positions} positions", field="context")
     return model
 
 
@@ -90,47 +80,61 @@ def validation_loss(model: PreTrainedModel, tokens: np.ndarray, config: TrainLMC
     return float(np.mean(losses))
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases and norms)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+def check_inputs(config: TrainLMConfig, train: np.ndarray) -> None:
+    if len(train) <= config.context + 1:
+        raise UsageError(f"the train split has {len(train)} tokens, fewer than context {config.context} + 2", field="context")
+    if config.model is None and config.n_embd % config.n_head:
+        raise UsageError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})", field="n_embd")
 
 
-def train_lm(config: TrainLMConfig) -> dict:
-    """Train (or resume) the run's base LM; returns the complete manifest of RUN/lm."""
-    from mlpmem.artifacts import require_stage
-
-    prep = require_stage(config.run_dir, "prepare", f"mlpmem prepare --run-dir {config.run_dir}")
-    stage = Stage(config.run_dir, "lm")
-    status = stage.begin(config.model_dump(mode="json", exclude={"run_dir", "device"}), {"prepare": prep["fingerprint"]})
-    if status == "complete":
-        return stage.manifest
+def train_lm(config: TrainLMConfig) -> TrainLMManifest:
+    """Train (or resume) the run's base LM; returns the complete manifest of RUN/train-lm."""
+    run = RunDir(config.run_dir)
+    prep: PrepareManifest = run.require("prepare")
+    inputs = {"prepare": prep.fingerprint}
+    if (done := run.reusable("train-lm", config, inputs)) is not None:
+        return done
+    train, valid = open_split(config.run_dir, "train"), open_split(config.run_dir, "valid")
+    check_inputs(config, train)
+    model = build_model(config, prep.vocab_size, prep.tokenizer_fingerprint).train()  # validates before any write
+    build = run.begin("train-lm", config, inputs)
     device = resolve_device(config.device)
     precision = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_dtype(config.dtype, device)]
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
-    train, valid = open_split(config.run_dir, "train"), open_split(config.run_dir, "valid")
-    if len(train) <= config.context + 1:
-        raise UsageError(f"the train split has {len(train)} tokens, fewer than --context {config.context} + 2")
-
-    model = build_model(config, prep["vocab_size"], prep["tokenizer_fingerprint"]).train()
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-    )
+    scheduler = make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
     step = 0
-    if status == "resume" and (state := load_checkpoint(stage.dir, model)) is not None:
+    if build.status == "resume" and (state := load_checkpoint(build.dir, model)) is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
+        build.manifest.history = list(state["history"])  # the manifest may lag behind a checkpoint saved before a kill
     model, optimizer = accelerator.prepare(model, optimizer)
+    fit(config, build, accelerator, model, optimizer, scheduler, train, valid, step)
+    if not accelerator.is_main_process:
+        return build.manifest
+    final = accelerator.unwrap_model(model)
+    check_weights_finite(final, "train-lm")
+    save_pretrained_atomically(final, build.dir / "model", load_tokenizer(tokenizer_dir(config.run_dir)))
+    history = build.manifest.history
+    return build.complete(
+        model_fingerprint=model_fingerprint(build.dir / "model"),
+        parameters=sum(p.numel() for p in final.parameters()),
+        steps=config.max_steps,
+        train_tokens=config.max_steps * config.batch_size * config.grad_accum * config.context * accelerator.num_processes,
+        valid_loss=history[-1]["valid_loss"] if history else None,
+    )
+
+
+def fit(
+    config: TrainLMConfig, build: StageBuild, accelerator: Accelerator, model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train: np.ndarray, valid: np.ndarray, step: int,
+) -> None:
+    """The training loop from ``step``: validation and a checkpoint at every interval and after the last step."""
     rank, world = accelerator.process_index, accelerator.num_processes
     tokens_per_step = config.batch_size * config.grad_accum * config.context * world
-    history = stage.manifest.setdefault("history", [])
-    bar = tqdm(total=config.max_steps, initial=step, desc="train-lm", unit="step", disable=not accelerator.is_main_process)
+    bar = progress(total=config.max_steps, initial=step, desc="train-lm", unit="step", disable=not accelerator.is_main_process)
     t_train, n_trained = 0.0, 0
     while step < config.max_steps:
         t0 = time.perf_counter()
@@ -138,6 +142,7 @@ def train_lm(config: TrainLMConfig) -> dict:
             rng = np.random.default_rng([config.seed, step, micro, rank])
             x = random_windows(train, config.context, config.batch_size, rng).to(accelerator.device)
             loss = window_loss(model, x) / config.grad_accum
+            check_finite(loss, step, "train-lm")
             accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
@@ -147,29 +152,17 @@ def train_lm(config: TrainLMConfig) -> dict:
         t_train += time.perf_counter() - t0
         n_trained += tokens_per_step
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item() * config.grad_accum:.3f}", tok_s=f"{n_trained / t_train:,.0f}")
-        if step % config.eval_interval == 0 or step == config.max_steps:
+        bar.set_postfix(loss=f"{loss.item() * config.grad_accum:.3f}", tok_s=f"{n_trained / t_train:,.0f}", refresh=False)
+        if checkpoint_due(step, config.eval_interval, config.max_steps):
             val = validation_loss(model, valid, config, accelerator.device)
-            history.append({"step": step, "train_loss": round(loss.item() * config.grad_accum, 4), "valid_loss": round(val, 4)})
-            bar.write(f"step {step}: valid loss {val:.4f} (ppl {math.exp(val):.2f})")
+            check_finite(torch.tensor(val), step, "train-lm")
+            build.manifest.history = [*build.manifest.history, {"step": step, "train_loss": round(loss.item() * config.grad_accum, 4), "valid_loss": round(val, 4)}]
+            bar.write(f"step {step}: valid loss {val:.4f} (ppl {safe_exp(val):.2f})")
             if accelerator.is_main_process:
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-                save_checkpoint(stage.dir, step, accelerator.unwrap_model(model), state)
-                stage.save()
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": build.manifest.history}
+                save_checkpoint(build.dir, step, accelerator.unwrap_model(model), state)
+                if t_train:
+                    build.manifest.train_tokens_per_s = round(n_trained / t_train, 1)
+                build.save()
             accelerator.wait_for_everyone()
     bar.close()
-    if not accelerator.is_main_process:
-        return stage.manifest
-    final = accelerator.unwrap_model(model)
-    save_pretrained_atomically(final, stage.dir / "model", load_tokenizer(tokenizer_dir(config.run_dir)))
-    shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
-    rate = n_trained / t_train if t_train else None
-    return stage.complete(
-        {"steps": step, "parameters": sum(p.numel() for p in final.parameters()), "train_tokens": step * tokens_per_step},
-        model_fingerprint=model_fingerprint(stage.dir / "model"),
-        tokenizer_fingerprint=prep["tokenizer_fingerprint"],
-        vocab_size=prep["vocab_size"],
-        context=config.context,
-        train_tokens_per_s=round(rate, 1) if rate else None,
-        valid_loss=history[-1]["valid_loss"] if history else None,
-    )

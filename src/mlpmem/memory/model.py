@@ -155,31 +155,41 @@ class MLPMemory(PreTrainedModel):
         return True
 
 
-def check_pairing(
-    memory_config: MLPMemoryConfig, model_fingerprint: str, key_layer: str, key_dim: int | None = None
-) -> None:
-    """UsageError (one line) when a memory is paired with another base LM, key layer or key width."""
+def check_pairing(memory_config: MLPMemoryConfig, lm: PreTrainedModel, model_fingerprint: str) -> str:
+    """The LM module the memory reads its keys from; UsageError (one line) when the memory belongs to another base
+    LM, or the LM has no such module, or the module's width is not the memory's input width."""
+    from mlpmem.lm.keys import key_dim, key_module_path
+
     if memory_config.base_model_fingerprint != model_fingerprint:
         raise UsageError(
             f"this memory was trained on keys of base model {memory_config.base_model_fingerprint}, "
             f"not {model_fingerprint}; train a memory for this model (mlpmem train-memory)"
         )
-    if memory_config.key_layer != key_layer:
-        raise UsageError(
-            f"this memory reads keys from {memory_config.key_layer!r}, not {key_layer!r}; use the same --key-layer"
-        )
-    if key_dim is not None and memory_config.input_dim != key_dim:
-        raise UsageError(f"this memory reads keys of width {memory_config.input_dim}, not {key_dim}")
+    if memory_config.key_layer is None:
+        raise UsageError("this memory does not record the LM module its keys come from (key_layer); retrain it")
+    layer = key_module_path(lm, memory_config.key_layer)  # UsageError when the LM has no such module
+    width = key_dim(lm, layer)
+    if memory_config.input_dim != width:
+        raise UsageError(f"this memory reads keys of width {memory_config.input_dim}, but {layer!r} of the LM gives {width}")
+    if memory_config.vocab_size != lm.config.vocab_size:
+        raise UsageError(f"the memory predicts {memory_config.vocab_size} tokens, the LM {lm.config.vocab_size}")
+    return layer
 
 
 def load_memory(path_or_run_dir: str | Path, device: torch.device | str = "cpu") -> MLPMemory:
-    """A trained memory in eval mode from RUN_DIR, RUN_DIR/memory, RUN_DIR/memory/model or any save_pretrained folder."""
+    """A trained memory in eval mode from a run directory (files checked against its manifest), its
+    ``train-memory`` folder, or any save_pretrained folder."""
+    from mlpmem.artifacts import RunDir
+
     path = Path(path_or_run_dir).expanduser()
-    for folder in (path / "memory" / "model", path / "model", path):
+    if (path / "train-memory").exists():
+        RunDir(path).require("train-memory")
+        path = path / "train-memory"
+    for folder in (path / "model", path):
         if (folder / "config.json").is_file():
             break
     else:
-        raise UsageError(f"no MLP memory at {path} (expected RUN_DIR/memory/model); run `mlpmem train-memory` first")
+        raise UsageError(f"no MLP memory at {path} (expected RUN_DIR/train-memory/model); run `mlpmem train-memory` first")
     model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type != MLPMemoryConfig.model_type:
         raise UsageError(f"{folder} holds a {model_type!r} model, not an MLP memory")

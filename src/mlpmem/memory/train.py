@@ -1,18 +1,18 @@
-"""``mlpmem train-memory``: train the MLP memory to imitate the kNN targets (stage "memory", DESIGN.md §1.5).
+"""``mlpmem train-memory``: train the MLP memory to imitate the kNN targets (DESIGN.md §1.5).
 
-    mlpmem train-memory --run-dir runs/demo --n-blocks 4 --epochs 2 [--mode online]
+    mlpmem train-memory --run-dir runs/demo --n-blocks 4 --epochs 2 [--mode online [--key-depth 0.7]]
 
 One loop, two key sources: *offline* reads keys from the datastore memmap; *online* recomputes them with the
-frozen LM over the datastore's sliding windows (no key storage). The last ``valid_size`` entries are held out
-for the validation loss. Resumes from RUN/memory/checkpoints after a kill; multi-GPU through
-`accelerate launch` (each rank takes a disjoint shard of every global batch). The final memory is saved with
-save_pretrained to RUN/memory/model.
+frozen LM through the forward core (no key storage), at the datastore's key layer or any other (``--key-layer``,
+``--key-depth``: the memory's key layer is its own setting; the targets always come from the datastore). The last
+``valid_size`` entries are held out for the validation loss. Resumes from its checkpoints after a kill (kept
+until the stage is complete); multi-GPU through `accelerate launch` (each rank takes a disjoint shard of every
+global batch). The final memory is saved with save_pretrained to RUN/train-memory/model.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Protocol
@@ -20,20 +20,23 @@ from typing import Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
-from mlpmem.artifacts import Stage, open_array, require_stage
+from mlpmem.artifacts import RunDir, StageBuild
 from mlpmem.checkpoints import load_checkpoint, save_checkpoint, save_pretrained_atomically
 from mlpmem.config import TrainMemoryConfig
 from mlpmem.data.tokens import open_split
 from mlpmem.data.windows import Window, sliding_windows
 from mlpmem.devices import autocast, resolve_device, resolve_dtype
 from mlpmem.errors import UsageError
+from mlpmem.lm.forward import forward_windows
+from mlpmem.lm.keys import key_dim, key_module_path
 from mlpmem.lm.load import load_lm, run_lm_dir
-from mlpmem.lm.train import lr_factor, make_optimizer
+from mlpmem.manifests import DatastoreManifest, TargetsManifest, TrainMemoryManifest
 from mlpmem.memory.loss import memory_loss
-from mlpmem.memory.model import MLPMemory, MLPMemoryConfig, load_memory  # noqa: F401  (load_memory re-exported)
+from mlpmem.memory.model import MLPMemory, MLPMemoryConfig
+from mlpmem.progress import progress
+from mlpmem.training import check_finite, check_weights_finite, checkpoint_due, make_optimizer, make_scheduler
 
 
 # key sources -------------------------------------------------------------------------------------------------
@@ -55,7 +58,7 @@ class OfflineKeys:
     """Keys read from RUN/datastore/keys; a unit is one training entry."""
 
     def __init__(self, run_dir: Path, n_train: int):
-        self.keys = open_array(run_dir, "datastore", "keys")  # [N, d] memmap
+        self.keys = RunDir(run_dir).array("datastore", "keys")  # [N, d] memmap
         self.n_train = self.n_units = n_train
         self.keys_per_unit = 1.0
 
@@ -68,35 +71,15 @@ class OfflineKeys:
 
 
 def window_keys(
-    lm: PreTrainedModel,
-    key_layer: str,
-    tokens: np.ndarray,
-    windows: list[Window],
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
+    lm: PreTrainedModel, key_layer: str, tokens: np.ndarray, windows: list[Window], device: torch.device,
     forward_batch: int = 8,
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """Entry ids [n] and keys [n, d] (float32) of the positions ``windows`` score, as the datastore computes them.
-
-    Windows are right-padded to a common length; under causal attention the padding cannot reach the scored
-    positions, which all precede it.
-    """
-    from mlpmem.lm.keys import KeyHook
-
+    """Entry ids [n] and keys [n, d] (float32) of the positions ``windows`` score, through the forward core
+    (the same computation as ``mlpmem datastore``, at any layer)."""
     ids, keys = [], []
-    with KeyHook(lm, key_layer) as hook, torch.no_grad():
-        for i in range(0, len(windows), forward_batch):
-            chunk = windows[i : i + forward_batch]
-            length = max(w.end - w.begin for w in chunk)
-            x = torch.zeros(len(chunk), length, dtype=torch.long)  # [b, T]
-            for row, w in enumerate(chunk):
-                x[row, : w.end - w.begin] = torch.from_numpy(np.asarray(tokens[w.begin : w.end], dtype=np.int64))
-            with autocast(device, dtype):
-                lm.base_model(input_ids=x.to(device), use_cache=False)  # the key layer is inside; skip the head
-            h = hook.keys if hook.keys.dim() == 3 else hook.keys.view(*x.shape, -1)  # [b, T, d]
-            for row, w in enumerate(chunk):
-                keys.append(h[row, w.first_scored - w.begin : w.end - 1 - w.begin].float())  # [n_scored, d]
-                ids.append(np.arange(w.first_scored, w.end - 1))
+    for out in forward_windows(lm, tokens, windows, forward_batch, key_layers=[key_layer], device=device):
+        ids.append(out.positions)
+        keys.append(out.keys[key_layer].float())
     return np.concatenate(ids), torch.cat(keys)
 
 
@@ -107,14 +90,13 @@ def recompute_keys(
     windows: list[Window],
     entry_ids: np.ndarray,
     device: torch.device,
-    dtype: torch.dtype = torch.float32,
     forward_batch: int = 8,
 ) -> torch.Tensor:
     """Keys [n, d] of the given entries (positions), recomputed by running the windows that score them."""
     entry_ids = np.asarray(entry_ids, dtype=np.int64)
     first = np.array([w.first_scored for w in windows])
     needed = np.unique(np.searchsorted(first, entry_ids, side="right") - 1)
-    ids, keys = window_keys(lm, key_layer, tokens, [windows[j] for j in needed], device, dtype, forward_batch)
+    ids, keys = window_keys(lm, key_layer, tokens, [windows[j] for j in needed], device, forward_batch)
     rows = np.searchsorted(ids, entry_ids)  # ids ascend: windows are in order and score disjoint ranges
     if np.any(rows >= len(ids)) or np.any(ids[np.minimum(rows, len(ids) - 1)] != entry_ids):
         raise UsageError("some entries are not scored by the datastore's windows; recompute needs stride < context")
@@ -124,11 +106,8 @@ def recompute_keys(
 class OnlineKeys:
     """Keys recomputed by the frozen LM; a unit is one sliding window that scores at least one training entry."""
 
-    def __init__(
-        self, lm: PreTrainedModel, key_layer: str, tokens: np.ndarray, windows: list[Window], n_train: int,
-        dtype: torch.dtype = torch.float32,  # the LM's autocast dtype; float32 as in `mlpmem datastore`
-    ):
-        self.lm, self.key_layer, self.tokens, self.dtype = lm, key_layer, tokens, dtype
+    def __init__(self, lm: PreTrainedModel, key_layer: str, tokens: np.ndarray, windows: list[Window], n_train: int):
+        self.lm, self.key_layer, self.tokens = lm, key_layer, tokens
         self.lm_device = next(lm.parameters()).device
         self.all_windows = windows
         self.windows = [w for w in windows if w.first_scored < n_train]
@@ -138,12 +117,12 @@ class OnlineKeys:
 
     def batch(self, units: np.ndarray, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
         chosen = [self.windows[u] for u in np.sort(units)]
-        ids, keys = window_keys(self.lm, self.key_layer, self.tokens, chosen, self.lm_device, self.dtype, len(chosen))
+        ids, keys = window_keys(self.lm, self.key_layer, self.tokens, chosen, self.lm_device, len(chosen))
         keep = ids < self.n_train  # a window may reach into the held-out entries
         return ids[keep], keys[torch.from_numpy(keep).to(keys.device)].to(device)
 
     def keys_for(self, entry_ids: np.ndarray, device: torch.device) -> torch.Tensor:
-        keys = recompute_keys(self.lm, self.key_layer, self.tokens, self.all_windows, entry_ids, self.lm_device, self.dtype)
+        keys = recompute_keys(self.lm, self.key_layer, self.tokens, self.all_windows, entry_ids, self.lm_device)
         return keys.to(device)
 
 
@@ -166,9 +145,10 @@ class Targets:
     """Sparse p_kNN rows and gold tokens of RUN/targets, read for sorted entry ids."""
 
     def __init__(self, run_dir: Path):
-        self.tokens = open_array(run_dir, "targets", "tokens")  # [N, w] int32, pad -1
-        self.probs = open_array(run_dir, "targets", "probs")  # [N, w] float32, pad 0
-        self.gold = open_array(run_dir, "targets", "gold")  # [N] int32
+        run = RunDir(run_dir)
+        self.tokens = run.array("targets", "tokens")  # [N, w] int32, pad -1
+        self.probs = run.array("targets", "probs")  # [N, w] float32, pad 0
+        self.gold = run.array("targets", "gold")  # [N] int32
 
     def rows(self, ids: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         def read(arr: np.ndarray, dtype: type) -> torch.Tensor:
@@ -197,113 +177,96 @@ def validate(
 
 
 # the stage ---------------------------------------------------------------------------------------------------
-def check_inputs(run_dir: Path, ds: dict, tg: dict, config: TrainMemoryConfig) -> tuple[int, int]:
-    """(N, key width) after checking datastore and targets belong together; UsageError (one line) otherwise."""
-    n, d = ds["arrays"]["keys"]["shape"]
-    if ds["arrays"]["values"]["shape"][0] != n:
-        raise UsageError(f"{run_dir}/datastore is inconsistent: {n} keys but {ds['arrays']['values']['shape'][0]} values")
-    for name in ("tokens", "probs", "gold"):
-        if tg["arrays"][name]["shape"][0] != n:
-            raise UsageError(
-                f"{run_dir}/targets has {tg['arrays'][name]['shape'][0]} rows, the datastore {n} entries; rerun `mlpmem targets`"
-            )
-    upstream = tg.get("inputs", {}).get("datastore")
-    if upstream is not None and upstream != ds["fingerprint"]:
-        raise UsageError(f"{run_dir}/targets were computed from another datastore; rerun `mlpmem targets`")
-    if ds.get("key_dim", d) != d:
-        raise UsageError(f"{run_dir}/datastore records key_dim {ds['key_dim']} but stores keys of width {d}")
-    if config.valid_size >= n:
-        raise UsageError(f"--valid-size ({config.valid_size}) must be smaller than the datastore ({n} entries)")
-    return n, d
+def check_inputs(ds: DatastoreManifest, tg: TargetsManifest, config: TrainMemoryConfig) -> int:
+    """The number of entries, after checking targets and datastore belong together; UsageError otherwise."""
+    if tg.entries != ds.entries:
+        raise UsageError(f"the targets have {tg.entries} rows, the datastore {ds.entries} entries; rerun `mlpmem targets`")
+    if config.valid_size >= ds.entries:
+        raise UsageError(f"valid_size ({config.valid_size}) must be smaller than the datastore ({ds.entries} entries)", field="valid_size")
+    return ds.entries
 
 
-def build_memory(config: TrainMemoryConfig, ds: dict, tg: dict, key_dim: int, vocab_size: int) -> MLPMemory:
-    """A fresh memory whose config records the base LM, key layer, default λ, T and α."""
+def memory_key_layer(config: TrainMemoryConfig, ds: DatastoreManifest, lm: PreTrainedModel | None) -> str:
+    """The LM module the memory reads: --key-layer / --key-depth, else the datastore's key layer.
+
+    Offline keys come from the datastore, so another layer needs online mode.
+    """
+    if config.key_layer is None and config.key_depth is None:
+        return ds.key_layer
+    layer = key_module_path(lm, config.key_layer, config.key_depth)
+    if layer != ds.key_layer and config.mode == "offline":
+        raise UsageError(f"offline mode reads the datastore's keys ({ds.key_layer}); use --mode online to read {layer}", field="mode")
+    return layer
+
+
+def build_memory(config: TrainMemoryConfig, ds: DatastoreManifest, tg: TargetsManifest, lm_fingerprint: str,
+                 key_layer: str, width: int, vocab_size: int) -> MLPMemory:
+    """A fresh memory whose config records the base LM, its key layer, default λ, T and α."""
     torch.manual_seed(config.seed)
     memory_config = MLPMemoryConfig(
-        input_dim=key_dim, hidden_size=config.hidden_size or key_dim, n_blocks=config.n_blocks, ffn=config.ffn,
-        vocab_size=vocab_size, base_model_fingerprint=ds["model_fingerprint"],
-        tokenizer_fingerprint=ds.get("tokenizer_fingerprint"), key_layer=ds["key_layer"], lmbda=config.lmbda,
-        knn_temperature=tg.get("config", {}).get("knn_temperature", tg.get("knn_temperature")), alpha=config.alpha,
+        input_dim=width, hidden_size=config.hidden_size or width, n_blocks=config.n_blocks, ffn=config.ffn,
+        vocab_size=vocab_size, base_model_fingerprint=lm_fingerprint, key_layer=key_layer, lmbda=config.lmbda,
+        knn_temperature=tg.config.knn_temperature, alpha=config.alpha,
     )
     return MLPMemory(memory_config)
 
 
-def begin_stage(config: TrainMemoryConfig, ds: dict, tg: dict, accelerator: Accelerator) -> tuple[Stage, str]:
-    """The 'memory' stage and its status ('fresh', 'resume' or 'complete'); only the main process writes."""
-    stage = Stage(Path(config.run_dir), "memory")
-    identity = (config.model_dump(mode="json", exclude={"run_dir", "device"}), {"datastore": ds["fingerprint"], "targets": tg["fingerprint"]})
-    status = stage.begin(*identity) if accelerator.is_main_process else "wait"
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        status = stage.begin(*identity)  # the main process made the folder: 'resume' or 'complete'
-    return stage, status
-
-
-def make_source(config: TrainMemoryConfig, ds: dict, lm: PreTrainedModel | None, n_entries: int) -> KeySource:
+def make_source(config: TrainMemoryConfig, ds: DatastoreManifest, lm: PreTrainedModel | None, key_layer: str) -> KeySource:
     """The key source of ``config.mode`` over the first N - valid_size entries.
 
     Online keys come from the LM in float32, as the datastore's did; only the memory runs under autocast.
     """
-    n_train = n_entries - config.valid_size
+    n_train = ds.entries - config.valid_size
     if config.mode == "offline":
         return OfflineKeys(Path(config.run_dir), n_train)
-    tokens, windows = _online_inputs(Path(config.run_dir), ds, n_entries)
-    return OnlineKeys(lm.requires_grad_(False), ds["key_layer"], tokens, windows, n_train)
+    tokens, windows = _online_inputs(Path(config.run_dir), ds)
+    return OnlineKeys(lm.requires_grad_(False), key_layer, tokens, windows, n_train)
 
 
-def train_memory(config: TrainMemoryConfig) -> dict:
-    """Train (or resume) the MLP memory of a run; returns the complete manifest of RUN/memory."""
-    run_dir = Path(config.run_dir)
-    ds = require_stage(run_dir, "datastore", f"mlpmem datastore --run-dir {run_dir}")
-    tg = require_stage(run_dir, "targets", f"mlpmem targets --run-dir {run_dir}")
-    n_entries, key_dim = check_inputs(run_dir, ds, tg, config)
-    lm_manifest = require_stage(run_dir, "lm", f"mlpmem train-lm --run-dir {run_dir}")
-    if lm_manifest.get("model_fingerprint") not in (None, ds["model_fingerprint"]):
-        raise UsageError(f"{run_dir}/datastore was built with another LM than {run_dir}/lm; rerun `mlpmem datastore`")
+def train_memory(config: TrainMemoryConfig) -> TrainMemoryManifest:
+    """Train (or resume) the MLP memory of a run; returns the complete manifest of RUN/train-memory."""
+    run = RunDir(config.run_dir)
+    lm_manifest, ds, tg = run.require("train-lm"), run.require("datastore"), run.require("targets")
+    inputs = {"train-lm": lm_manifest.fingerprint, "datastore": ds.fingerprint, "targets": tg.fingerprint}
+    if (done := run.reusable("train-memory", config, inputs)) is not None:
+        return done
+    n_entries = check_inputs(ds, tg, config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     if dtype == torch.float16:
-        raise UsageError("--dtype float16 is not supported for training (no loss scaling); use bfloat16 or float32")
+        raise UsageError("float16 is not supported for training (no loss scaling); use bfloat16 or float32", field="dtype")
     accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False)
     if accelerator.num_processes > 1:
         device = accelerator.device
-    stage, status = begin_stage(config, ds, tg, accelerator)
-    if status == "complete":
-        return stage.manifest
-
-    need_lm = config.mode == "online" or config.init_head_from_lm
-    lm = load_lm(run_lm_dir(run_dir), device if config.mode == "online" else "cpu") if need_lm else None
-    vocab_size = lm.config.vocab_size if lm is not None else AutoConfig.from_pretrained(run_lm_dir(run_dir)).vocab_size
-    source = make_source(config, ds, lm, n_entries)
-    memory = build_memory(config, ds, tg, key_dim, vocab_size)
+    online = config.mode == "online"
+    lm = load_lm(run_lm_dir(run.path), device if online else "cpu")
+    key_layer = memory_key_layer(config, ds, lm)
+    source = make_source(config, ds, lm, key_layer)
+    memory = build_memory(config, ds, tg, lm_manifest.model_fingerprint, key_layer, key_dim(lm, key_layer), lm.config.vocab_size)
     head_from_lm = memory.init_head_from(lm.get_output_embeddings().weight) if config.init_head_from_lm else False
+    if not online:
+        del lm
+
+    build = begin_stage(run, config, inputs, accelerator)
     memory.to(device).train()
     optimizer = make_optimizer(memory, config.lr, config.weight_decay)
-    state = load_checkpoint(stage.dir, memory) if status == "resume" else None
+    state = load_checkpoint(build.dir, memory) if build.status == "resume" else None
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     memory, optimizer = accelerator.prepare(memory, optimizer)
-    result = fit(config, stage, accelerator, memory, optimizer, source, n_entries, state, device, dtype)
+    result = fit(config, build, accelerator, memory, optimizer, source, n_entries, state, device, dtype)
     if not accelerator.is_main_process:
-        return stage.manifest
+        return build.manifest
     model = accelerator.unwrap_model(memory)
-    save_pretrained_atomically(model, stage.dir / "model")
-    shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
-    stage.manifest["timings"]["train_seconds"] = round(result["train_seconds"], 2)
-    counts = {
-        "entries": n_entries, "train_entries": source.n_train, "valid_entries": n_entries - source.n_train,
-        "steps": result["step"], "parameters": sum(p.numel() for p in model.parameters()),
-        "memory_bytes": sum(f.stat().st_size for f in (stage.dir / "model").glob("*.safetensors")),
-    }
-    return stage.complete(
-        counts,
-        model_dir="model",
-        base_model_fingerprint=ds["model_fingerprint"],
-        tokenizer_fingerprint=ds.get("tokenizer_fingerprint"),
-        key_layer=ds["key_layer"],
-        key_dim=key_dim,
-        knn_temperature=model.config.knn_temperature,
+    check_weights_finite(model, "train-memory")
+    save_pretrained_atomically(model, build.dir / "model")
+    build.manifest.timings = {**build.manifest.timings, "train_seconds": round(result["train_seconds"], 2)}
+    return build.complete(
+        key_layer=key_layer,
+        train_entries=source.n_train,
+        valid_entries=n_entries - source.n_train,
+        steps=result["step"],
+        parameters=sum(p.numel() for p in model.parameters()),
         head_from_lm=head_from_lm,
         keys_per_s=round(result["keys_seen"] / result["train_seconds"], 1) if result["train_seconds"] else None,
         valid=result["valid"],
@@ -311,8 +274,15 @@ def train_memory(config: TrainMemoryConfig) -> dict:
     )
 
 
+def begin_stage(run: RunDir, config: TrainMemoryConfig, inputs: dict[str, str], accelerator: Accelerator) -> StageBuild:
+    """The stage build; only the main process creates it, the others join it."""
+    build = run.begin("train-memory", config, inputs) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    return build if build is not None else run.join("train-memory")
+
+
 def fit(
-    config: TrainMemoryConfig, stage: Stage, accelerator: Accelerator, memory: torch.nn.Module,
+    config: TrainMemoryConfig, build: StageBuild, accelerator: Accelerator, memory: torch.nn.Module,
     optimizer: torch.optim.Optimizer, source: KeySource, n_entries: int, state: dict | None,
     device: torch.device, dtype: torch.dtype,
 ) -> dict:
@@ -320,6 +290,7 @@ def fit(
     rank, world = accelerator.process_index, accelerator.num_processes
     per_step = max(world, round(config.batch_size / source.keys_per_unit))  # units per global step
     total_steps = max(1, math.ceil(config.epochs * source.n_units / per_step))
+    scheduler = make_scheduler(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
     targets = Targets(Path(config.run_dir))
     valid_ids = np.arange(source.n_train, n_entries)
     valid_keys = source.keys_for(valid_ids, torch.device("cpu")) if len(valid_ids) else None  # [n_valid, d]
@@ -332,52 +303,59 @@ def fit(
         return result
 
     step = int(state["step"]) if state else 0
+    if state:
+        scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # the scheduler's constructor reset the restored lr to that of step 0
     history = list(state["valid_history"]) if state else []
     train_seconds = float(state["train_seconds"]) if state else 0.0
     keys_seen = int(state["keys_seen"]) if state else 0
     if step == 0:
         run_validation(0, history)
-    bar = tqdm(total=total_steps, initial=step, desc="train-memory", unit="step", disable=not accelerator.is_main_process)
+    bar = progress(total=total_steps, initial=step, desc="train-memory", unit="step", disable=not accelerator.is_main_process)
     while step < total_steps:
         t0 = time.perf_counter()
         units = units_for_step(step, per_step, source.n_units, config.seed)[rank::world]
         ids, keys = source.batch(units, device)  # [b], [b, d]
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(step, config.warmup_steps, total_steps, config.min_lr_ratio)
         with autocast(device, dtype):
             logits = memory(keys)  # [b, V]
         loss, kl, ce = memory_loss(logits, *targets.rows(ids, device), config.alpha)
+        check_finite(loss, step, "train-memory")
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(memory.parameters(), config.grad_clip)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         train_seconds += time.perf_counter() - t0
         keys_seen += len(ids) * world
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{kl.item():.3f}", keys_s=f"{keys_seen / train_seconds:,.0f}", refresh=False)
-        if step % config.eval_interval == 0 and step < total_steps:
-            if (result := run_validation(step, history)) is not None:
+        if checkpoint_due(step, config.eval_interval, total_steps):
+            if step < total_steps and (result := run_validation(step, history)) is not None:
                 bar.write(f"step {step}: valid loss {result['loss']:.4f} kl {result['kl']:.4f} ce {result['ce']:.4f}")
             if accelerator.is_main_process:
-                progress = {"train_seconds": train_seconds, "keys_seen": keys_seen, "valid_history": history}
-                save_checkpoint(stage.dir, step, accelerator.unwrap_model(memory), {"optimizer": optimizer.state_dict(), **progress})
-                stage.manifest["valid_history"] = history
-                stage.save()
+                progress_state = {"train_seconds": train_seconds, "keys_seen": keys_seen, "valid_history": history}
+                save_checkpoint(build.dir, step, accelerator.unwrap_model(memory),
+                                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **progress_state})
+                build.manifest.valid_history = history
+                build.save()
             accelerator.wait_for_everyone()
     bar.close()
     final = run_validation(step, history)
+    if final is not None:
+        check_finite(torch.tensor(final["loss"]), step, "train-memory")
     return {"step": step, "train_seconds": train_seconds, "keys_seen": keys_seen, "valid": final, "valid_history": history}
 
 
-def _online_inputs(run_dir: Path, ds: dict, n_entries: int) -> tuple[np.ndarray, list[Window]]:
+def _online_inputs(run_dir: Path, ds: DatastoreManifest) -> tuple[np.ndarray, list[Window]]:
     """The datastore split's tokens and windows; UsageError unless its windows score entries 0 .. N-1 in order."""
-    tokens = open_split(run_dir, ds["split"])
-    windows = sliding_windows(len(tokens), ds["context"], ds["stride"])
+    tokens = open_split(run_dir, ds.config.split)
+    windows = sliding_windows(len(tokens), ds.context, ds.stride)
     scored = sum(w.n_scored for w in windows)
-    if scored != n_entries or len(tokens) - 1 != n_entries:
+    if scored != ds.entries or len(tokens) - 1 != ds.entries:
         raise UsageError(
-            f"online mode recomputes keys by position, but the datastore's windows (context {ds['context']}, "
-            f"stride {ds['stride']}) score {scored} of {len(tokens) - 1} positions for {n_entries} entries; use --mode offline"
+            f"online mode recomputes keys by position, but the datastore's windows (context {ds.context}, "
+            f"stride {ds.stride}) score {scored} of {len(tokens) - 1} positions for {ds.entries} entries; use --mode offline"
         )
     return tokens, windows

@@ -1,0 +1,163 @@
+"""The typed manifest of every stage, one beside each config (``mlpmem.config``), in pipeline order.
+
+A later stage reads an earlier one only through these models (``RunDir.require(stage)``). Each value lives in
+one place: counts that an array's shape gives are read from the shape, settings from the config; a field here is
+what the stage found or measured. Fields are None while a stage runs and set when it completes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlpmem.artifacts import Manifest
+from mlpmem.config import (
+    DatastoreConfig,
+    EvaluateConfig,
+    IndexConfig,
+    PrepareConfig,
+    TargetsConfig,
+    TrainLMConfig,
+    TrainMemoryConfig,
+)
+
+
+class PrepareManifest(Manifest):
+    """Token stores ``train``/``valid``/``test`` (arrays) and the tokenizer folder."""
+
+    config: PrepareConfig
+    source: str | None = None
+    vocab_size: int | None = None
+    tokenizer_fingerprint: str | None = None
+    corpus_fingerprint: str | None = None
+
+    def split_tokens(self, split: str) -> int:
+        return self.arrays[split].shape[0]
+
+    def summary(self) -> dict[str, Any]:
+        return {**{f"{s}_tokens": self.split_tokens(s) for s in self.arrays}, "vocab_size": self.vocab_size}
+
+
+class TrainLMManifest(Manifest):
+    """The base LM in ``model/`` (save_pretrained, with the tokenizer)."""
+
+    config: TrainLMConfig
+    model_fingerprint: str | None = None
+    parameters: int | None = None
+    steps: int | None = None
+    train_tokens: int | None = None
+    train_tokens_per_s: float | None = None
+    valid_loss: float | None = None
+    history: list[dict[str, float]] = Field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"steps": self.steps, "parameters": self.parameters, "train_tokens": self.train_tokens}
+
+
+class DatastoreManifest(Manifest):
+    """``keys`` [N, d] and ``values`` [N] of one split; entry i is position i predicting token i + 1."""
+
+    config: DatastoreConfig
+    model_fingerprint: str | None = None
+    key_layer: str | None = None
+    context: int | None = None
+    stride: int | None = None
+    windows: int | None = None
+    processes: int | None = None
+
+    @property
+    def entries(self) -> int:
+        return self.arrays["values"].shape[0]
+
+    @property
+    def key_dim(self) -> int:
+        return self.arrays["keys"].shape[1]
+
+    def summary(self) -> dict[str, Any]:
+        return {"entries": self.entries, "windows": self.windows, "key_layer": self.key_layer}
+
+
+class IndexManifest(Manifest):
+    """``index.faiss`` over the datastore keys (squared L2)."""
+
+    config: IndexConfig
+    factory: str | None = None
+    nlist: int | None = None
+    nprobe: int | None = None
+    ntotal: int | None = None
+    built_on_gpu: bool | None = None
+    peak_rss_mb: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"factory": self.factory, "ntotal": self.ntotal}
+
+
+class TargetsManifest(Manifest):
+    """Sparse p_kNN per datastore entry: ``tokens``/``probs`` [N, width] and ``gold`` [N]."""
+
+    config: TargetsConfig
+    nprobe: int | None = None
+    self_found: int | None = None
+    faiss_threads: int | None = None
+
+    @property
+    def entries(self) -> int:
+        return self.arrays["gold"].shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.arrays["tokens"].shape[1]
+
+    def summary(self) -> dict[str, Any]:
+        return {"entries": self.entries, "self_missing": None if self.self_found is None else self.entries - self.self_found}
+
+
+class TrainMemoryManifest(Manifest):
+    """The MLP memory in ``model/`` (save_pretrained)."""
+
+    config: TrainMemoryConfig
+    key_layer: str | None = None
+    train_entries: int | None = None
+    valid_entries: int | None = None
+    steps: int | None = None
+    parameters: int | None = None
+    head_from_lm: bool | None = None
+    keys_per_s: float | None = None
+    valid: dict[str, float] | None = None
+    valid_history: list[dict[str, float]] = Field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"steps": self.steps, "parameters": self.parameters, "key_layer": self.key_layer,
+                "memory_bytes": sum(r.bytes for name, r in self.files.items() if name.endswith(".safetensors"))}
+
+
+class SystemResult(BaseModel):
+    """One row of the results table: perplexities and the mixing weights / temperature tuned for it."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    valid_ppl: float | None = None
+    test_ppl: float | None = None
+    lmbda: float | None = None  # total weight of what is mixed into the LM
+    weights: dict[str, float] | None = None  # per component, for combined systems
+    temperature: float | None = None
+
+
+class EvaluateManifest(Manifest):
+    """Perplexity of every system on one protocol; λ and T tuned on ``tuned_on``; ``results.json``, ``lambda.png``."""
+
+    config: EvaluateConfig
+    model: str | None = None
+    context: int | None = None
+    stride: int | None = None
+    tokens: dict[str, int] = Field(default_factory=dict)
+    tuned_on: str | None = None
+    systems: list[SystemResult] = Field(default_factory=list)
+    lambda_curves: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+    def system(self, name: str) -> SystemResult | None:
+        return next((s for s in self.systems if s.name == name), None)
+
+    def summary(self) -> dict[str, Any]:
+        return {f"{split}_tokens": n for split, n in self.tokens.items()}

@@ -1,0 +1,26 @@
+"""Progress output: plain periodic lines (no carriage returns) when stderr is not a terminal."""
+
+from __future__ import annotations
+
+import io
+
+from mlpmem.progress import LogLines, progress
+
+
+def test_log_lines_are_plain_lines_with_rates():
+    out = io.StringIO()
+    bar = LogLines(total=1000, desc="datastore", unit="tok", file=out, mininterval=0, miniters=1)
+    for _ in range(10):
+        bar.update(100)
+    bar.close()
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = [line for line in text.splitlines() if line]
+    assert len(lines) >= 2 and all(line.startswith("datastore") for line in lines)
+    assert "1000/1000" in lines[-1] and "tok/s" in lines[-1]
+
+
+def test_progress_picks_log_lines_when_not_a_terminal(capsys):
+    bar = progress(total=3, desc="x")  # pytest's captured stderr is not a terminal
+    assert isinstance(bar, LogLines)
+    bar.close()
