@@ -58,7 +58,9 @@ def scratch_run(run_dir: Path, work_dir: Path, split: str, max_tokens: int | Non
     return work.path
 
 
-def plain_forward_tokens_per_s(model: torch.nn.Module, tokens: np.ndarray, windows: list[Window], batch_size: int) -> float:
+def plain_forward_tokens_per_s(
+    model: torch.nn.Module, tokens: np.ndarray, windows: list[Window], batch_size: int
+) -> float:
     """The full LM over the datastore's windows: no hook, no write."""
     device = next(model.parameters()).device
     t0, n = time.time(), 0
@@ -71,7 +73,11 @@ def plain_forward_tokens_per_s(model: torch.nn.Module, tokens: np.ndarray, windo
             for r, w in enumerate(batch):
                 ids[r, : w.end - w.begin] = tokens[w.begin : w.end]
                 mask[r, : w.end - w.begin] = 1
-            model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device), use_cache=False)
+            model(
+                input_ids=torch.from_numpy(ids).to(device),
+                attention_mask=torch.from_numpy(mask).to(device),
+                use_cache=False,
+            )
             n += sum(w.n_scored for w in batch)
     return n / (time.time() - t0)
 
@@ -102,8 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--factory", default=None, help="FAISS factory (default: chosen from size)")
     p.add_argument("--search-queries", type=int, default=4096, help="stored keys used as search queries")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", nargs="?", const=str(Path(__file__).with_suffix(".json")), default=None,
-                   help="write the results as JSON (default path: next to this script)")
+    p.add_argument(
+        "--out",
+        nargs="?",
+        const=str(Path(__file__).with_suffix(".json")),
+        default=None,
+        help="write the results as JSON (default path: next to this script)",
+    )
     args = p.parse_args(argv)
 
     tmp = None if args.work_dir else tempfile.TemporaryDirectory(prefix="knn_bench_")
@@ -157,14 +168,29 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": environment(),
     }
     rows_out = [
-        ("datastore extraction", f"{extract:,.0f} tok/s", f"plain LM forward {plain:,.0f} tok/s", results["datastore_vs_forward"], 0.85),
+        (
+            "datastore extraction",
+            f"{extract:,.0f} tok/s",
+            f"plain LM forward {plain:,.0f} tok/s",
+            results["datastore_vs_forward"],
+            0.85,
+        ),
         ("index build", f"{results['index_build_seconds']:.1f} s", results["factory"], None, None),
         ("search", f"{search_qps:,.0f} q/s", f"k={args.k} nprobe={nprobe}", None, None),
-        ("targets", f"{results['targets_queries_per_s']:,.0f} q/s", f"raw FAISS {raw:,.0f} q/s", results["targets_vs_raw_faiss"], 0.9),
+        (
+            "targets",
+            f"{results['targets_queries_per_s']:,.0f} q/s",
+            f"raw FAISS {raw:,.0f} q/s",
+            results["targets_vs_raw_faiss"],
+            0.9,
+        ),
     ]
     print(f"{'stage':<22}{'measured':>16}   {'reference':<34}{'ratio':>7}  target")
     for name, measured, ref, ratio, target in rows_out:
-        print(f"{name:<22}{measured:>16}   {ref:<34}{'' if ratio is None else f'{ratio:.3f}':>7}  {'' if target is None else f'>= {target}'}")
+        print(
+            f"{name:<22}{measured:>16}   {ref:<34}{'' if ratio is None else f'{ratio:.3f}':>7}  "
+            f"{'' if target is None else f'>= {target}'}"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.out}")

@@ -20,8 +20,16 @@ def tiny_gpt2(vocab_size: int = TINY_VOCAB, n_positions: int = 64, seed: int = 0
     """A 2-layer, 32-wide random-init GPT-2 in eval mode."""
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config).eval()
 

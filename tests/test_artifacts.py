@@ -53,7 +53,9 @@ def test_atomic_write_leaves_no_temp_file_and_normal_permissions(tmp_path):
 def test_reuse_resume_and_fresh_builds_beside_the_finished_stage(run):
     config = DatastoreConfig()
     assert run.begin("datastore", config, {}).status == "complete"
-    assert run.begin("datastore", config.model_copy(update={"device": "cpu", "batch_size": 99}), {}).status == "complete"
+    assert (
+        run.begin("datastore", config.model_copy(update={"device": "cpu", "batch_size": 99}), {}).status == "complete"
+    )
     other = config.model_copy(update={"stride": 3})
     build = run.begin("datastore", other, {})
     assert build.status == "fresh" and build.dir == run.partial_folder("datastore")
@@ -89,14 +91,17 @@ def test_stage_folders_from_manifests_never_leave_the_stage(run):
         run.file("datastore", "../prepare")
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("flip_notes", "does not match its recorded content hash"),
-    ("truncate_values", "bytes, its manifest says"),
-    ("edit_manifest_shape", "modified or damaged"),
-    ("edit_manifest_status", "modified or damaged"),
-    ("delete_manifest", "has no complete manifest"),
-    ("garbage_manifest", "not a valid datastore manifest"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("flip_notes", "does not match its recorded content hash"),
+        ("truncate_values", "bytes, its manifest says"),
+        ("edit_manifest_shape", "modified or damaged"),
+        ("edit_manifest_status", "modified or damaged"),
+        ("delete_manifest", "has no complete manifest"),
+        ("garbage_manifest", "not a valid datastore manifest"),
+    ],
+)
 def test_damaged_artifacts_are_refused_in_one_line(run, damage, message):
     folder = run.folder("datastore")
     if damage == "flip_notes":
@@ -154,14 +159,20 @@ def test_a_linked_stage_is_reused_but_never_rebuilt(run, tmp_path):
 
 
 def _python(code: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_a_second_command_on_a_run_in_use_is_refused_naming_the_holder(tmp_path):
     holder = _python(f"""
         import time
         from mlpmem.artifacts import RunDir
-        with RunDir({str(tmp_path / 'run')!r}).lock("mlpmem run configs/demo.yaml"):
+        with RunDir({str(tmp_path / "run")!r}).lock("mlpmem run configs/demo.yaml"):
             print("locked", flush=True)
             time.sleep(30)
     """)
@@ -194,7 +205,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_complete(tmp_path):
         from mlpmem.errors import UsageError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
-        build = RunDir({str(tmp_path / 'run')!r}).begin("datastore", DatastoreConfig(), {{}})
+        build = RunDir({str(tmp_path / "run")!r}).begin("datastore", DatastoreConfig(), {{}})
         try:
             build.add_array("keys", "float32", (1 << 20, 4))
         except UsageError as err:

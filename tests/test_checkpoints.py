@@ -7,10 +7,11 @@ import pickle
 
 import pytest
 import torch
-from conftest import tiny_gpt2
 
 from mlpmem.checkpoints import load_checkpoint, save_checkpoint
 from mlpmem.errors import UsageError
+
+from conftest import tiny_gpt2
 
 
 class Exploit:

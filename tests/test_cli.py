@@ -74,8 +74,16 @@ def test_unknown_yaml_key_is_named(tmp_path, capsys):
 
 
 def test_missing_corpus_is_one_line(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "prepare", "--corpus", str(tmp_path / "none.txt"), "--train-tokenizer", "300",
-                           "--run-dir", str(tmp_path / "r"))
+    code, _, err = run_cli(
+        capsys,
+        "prepare",
+        "--corpus",
+        str(tmp_path / "none.txt"),
+        "--train-tokenizer",
+        "300",
+        "--run-dir",
+        str(tmp_path / "r"),
+    )
     assert code == 2 and "corpus not found" in err and err.count("\n") == 1
 
 
@@ -87,27 +95,41 @@ def test_stage_before_its_inputs_says_what_to_run(tmp_path, capsys):
 def test_run_overrides_reach_the_stage_config(tmp_path):
     from mlpmem.cli import apply_overrides
 
-    data = apply_overrides(load_yaml(ROOT / "configs" / "demo.yaml"),
-                           ["--train-lm.max-steps", "7", "--stages", "prepare", "train-lm", "--evaluate.lmbdas", "0.8", "0.9"])
+    data = apply_overrides(
+        load_yaml(ROOT / "configs" / "demo.yaml"),
+        ["--train-lm.max-steps", "7", "--stages", "prepare", "train-lm", "--evaluate.lmbdas", "0.8", "0.9"],
+    )
     run = validate(RunConfig, data)
     assert run.stage_config("train-lm").max_steps == 7 and run.stages == ["prepare", "train-lm"]
     assert run.stage_config("evaluate").lmbdas == [0.8, 0.9]
 
 
 def test_a_typo_for_a_stage_not_run_is_still_refused(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "run", str(ROOT / "configs" / "demo.yaml"), "--run_dir", str(tmp_path / "r"),
-                           "--train_lm.bogus_key", "5", "--stages", "prepare")
+    code, _, err = run_cli(
+        capsys,
+        "run",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--run_dir",
+        str(tmp_path / "r"),
+        "--train_lm.bogus_key",
+        "5",
+        "--stages",
+        "prepare",
+    )
     assert code == 2 and "--train_lm.bogus-key: unknown key" in err and not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["evaluate", "--lmbdas", "0.5", "1.5"], "less than or equal to 1"),
-    (["evaluate", "--lmbdas", "nan"], "finite number"),
-    (["evaluate", "--knn-temperatures", "0"], "greater than 0"),
-    (["train-lm", "--lr", "inf"], "finite number"),
-    (["bench", "--datastore-sizes", "0"], "greater than or equal to 1000"),
-    (["train-memory", "--key-layer", "x", "--key-depth", "0.7"], "not both"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["evaluate", "--lmbdas", "0.5", "1.5"], "less than or equal to 1"),
+        (["evaluate", "--lmbdas", "nan"], "finite number"),
+        (["evaluate", "--knn-temperatures", "0"], "greater than 0"),
+        (["train-lm", "--lr", "inf"], "finite number"),
+        (["bench", "--datastore-sizes", "0"], "greater than or equal to 1000"),
+        (["train-memory", "--key-layer", "x", "--key-depth", "0.7"], "not both"),
+    ],
+)
 def test_bad_values_are_refused_before_any_work(argv, message, tmp_path, capsys):
     code, _, err = run_cli(capsys, *argv, "--run-dir", str(tmp_path / "r"))
     assert code == 2 and message in err and err.count("\n") == 1 and not (tmp_path / "r").exists()
@@ -129,7 +151,9 @@ def test_version_and_python_dash_m(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["-V"])
     assert capsys.readouterr().out.strip() == f"mlpmem {__version__}"
-    out = subprocess.run([sys.executable, "-m", "mlpmem", "--version"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mlpmem", "--version"], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == f"mlpmem {__version__}"
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_gpt2
 from transformers import AutoModelForCausalLM
 
 from mlpmem.artifacts import RunDir
@@ -17,16 +16,34 @@ from mlpmem.cli import main
 from mlpmem.data.windows import sliding_windows
 from mlpmem.memory.model import MLPMemory
 
+from conftest import tiny_gpt2
+
 TINY_PIPELINE = {
     "stages": ["prepare", "train-lm", "datastore", "index", "targets", "train-memory", "evaluate"],
     "prepare": {"corpus": "wikitext-2-slice", "train_tokenizer": 1000},
-    "train_lm": {"n_layer": 2, "n_head": 2, "n_embd": 32, "context": 64, "max_steps": 20, "eval_interval": 10,
-                 "batch_size": 8, "dtype": "float32", "device": "cpu"},
+    "train_lm": {
+        "n_layer": 2,
+        "n_head": 2,
+        "n_embd": 32,
+        "context": 64,
+        "max_steps": 20,
+        "eval_interval": 10,
+        "batch_size": 8,
+        "dtype": "float32",
+        "device": "cpu",
+    },
     "datastore": {"device": "cpu", "batch_size": 16},
     "index": {"factory": "IVF128,Flat", "nprobe": 4},
     "targets": {"k": 8, "width": 8, "knn_temperature": 5.0},
-    "train_memory": {"n_blocks": 1, "epochs": 0.3, "batch_size": 256, "valid_size": 512, "eval_interval": 50,
-                     "dtype": "float32", "device": "cpu"},
+    "train_memory": {
+        "n_blocks": 1,
+        "epochs": 0.3,
+        "batch_size": 256,
+        "valid_size": 512,
+        "eval_interval": 50,
+        "dtype": "float32",
+        "device": "cpu",
+    },
     "evaluate": {"k": 16, "max_tokens": 1500, "knn_temperatures": [5.0], "lmbdas": [0.1, 0.25, 0.5], "device": "cpu"},
 }
 
@@ -79,7 +96,9 @@ def test_memory_perplexity_equals_an_independent_recomputation(pipeline):
     row = evaluate.system("mlp-memory")
     lm = AutoModelForCausalLM.from_pretrained(run / "train-lm" / "model").eval()
     memory = MLPMemory.from_pretrained(run / "train-memory" / "model").eval()
-    tokens = np.fromfile(run / "prepare" / "test.bin", dtype=np.uint16)[: TINY_PIPELINE["evaluate"]["max_tokens"]].astype(np.int64)
+    tokens = np.fromfile(run / "prepare" / "test.bin", dtype=np.uint16)[
+        : TINY_PIPELINE["evaluate"]["max_tokens"]
+    ].astype(np.int64)
     captured = {}
     lm.get_submodule(memory.config.key_layer).register_forward_hook(lambda m, i, o: captured.__setitem__("key", o))
     nll = []
@@ -133,8 +152,9 @@ def test_verify_passes_on_the_pipeline_run(pipeline, capsys):
     assert "all stages verified" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("knn,message", [("true", "built with another model"),
-                                         ("false", "memory was trained on keys of base model")])
+@pytest.mark.parametrize(
+    "knn,message", [("true", "built with another model"), ("false", "memory was trained on keys of base model")]
+)
 def test_artifacts_of_another_model_are_refused(pipeline, tmp_path, capsys, knn, message):
     _, run = pipeline
     other = tmp_path / "other-lm"

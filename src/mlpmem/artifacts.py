@@ -51,13 +51,17 @@ def disk_errors(path: Path) -> Iterator[None]:
         yield
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise UsageError(f"no space left writing {path} ({os.strerror(err.errno)}); free space and rerun to resume") from None
+            raise UsageError(
+                f"no space left writing {path} ({os.strerror(err.errno)}); free space and rerun to resume"
+            ) from None
         if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise UsageError(f"cannot write {path}: {os.strerror(err.errno)}") from None
         raise
     except RuntimeError as err:  # torch and FAISS report failed writes as RuntimeError
         text = str(err).lower()
-        if any(s in text for s in ("no space", "file too large", "failed writing", "write failed", "fwrite", "disk quota")):
+        if any(
+            s in text for s in ("no space", "file too large", "failed writing", "write failed", "fwrite", "disk quota")
+        ):
             raise UsageError(f"no space left writing {path}; free space and rerun to resume") from None
         raise
 
@@ -148,7 +152,9 @@ def git_commit() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -167,8 +173,13 @@ class Environment(BaseModel):
     def current(cls) -> Environment:
         import torch
 
-        return cls(mlpmem=__version__, git_commit=git_commit(), python=platform.python_version(),
-                   torch=torch.__version__, platform=platform.platform())
+        return cls(
+            mlpmem=__version__,
+            git_commit=git_commit(),
+            python=platform.python_version(),
+            torch=torch.__version__,
+            platform=platform.platform(),
+        )
 
 
 def environment() -> dict[str, str | None]:
@@ -217,7 +228,10 @@ class ArraySpec(BaseModel):
             size = path.stat().st_size if path.is_file() else None
             if size != self.nbytes:
                 found = "missing" if size is None else f"{size:,} bytes"
-                raise UsageError(f"{path} is {found}, its manifest says {self.nbytes:,} (shape {self.shape}, {self.dtype}); rerun the stage")
+                raise UsageError(
+                    f"{path} is {found}, its manifest says {self.nbytes:,} (shape {self.shape}, {self.dtype}); "
+                    "rerun the stage"
+                )
         if self.nbytes == 0:
             return np.zeros(self.shape, dtype=self.dtype)
         return np.memmap(path, dtype=np.dtype(self.dtype), mode=mode, shape=tuple(self.shape))
@@ -306,12 +320,19 @@ class RunDir:
         except ValidationError as err:
             e = err.errors()[0]
             reason = f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-            raise UsageError(f"{path} is not a valid {stage} manifest ({reason}); rerun `mlpmem {stage}` or remove the folder") from None
+            raise UsageError(
+                f"{path} is not a valid {stage} manifest ({reason}); rerun `mlpmem {stage}` or remove the folder"
+            ) from None
         except ValueError:
             reason = "not JSON"
-            raise UsageError(f"{path} is not a valid {stage} manifest ({reason}); rerun `mlpmem {stage}` or remove the folder") from None
+            raise UsageError(
+                f"{path} is not a valid {stage} manifest ({reason}); rerun `mlpmem {stage}` or remove the folder"
+            ) from None
         if manifest.checksum != manifest.compute_checksum():
-            raise UsageError(f"{path} was modified or damaged (its checksum does not match); rerun `mlpmem {stage}` or remove the folder")
+            raise UsageError(
+                f"{path} was modified or damaged (its checksum does not match); "
+                f"rerun `mlpmem {stage}` or remove the folder"
+            )
         if "run_dir" in type(manifest.config).model_fields:  # not stored: a run directory may be moved
             manifest.config = manifest.config.model_copy(update={"run_dir": self.path})
         return manifest
@@ -326,7 +347,10 @@ class RunDir:
         if manifest is None and not self.folder(stage).exists():
             return None
         if manifest is None or not manifest.complete:
-            raise UsageError(f"{self.folder(stage)} has no complete manifest; rerun `mlpmem {stage} --run-dir {self.path}` or remove the folder")
+            raise UsageError(
+                f"{self.folder(stage)} has no complete manifest; "
+                f"rerun `mlpmem {stage} --run-dir {self.path}` or remove the folder"
+            )
         self.check_files(stage, manifest, hashes="small")
         return manifest
 
@@ -334,7 +358,9 @@ class RunDir:
         """The complete typed manifest of an upstream stage (files checked), or what to run first."""
         manifest = self.read(stage)
         if manifest is None or not manifest.complete:
-            raise UsageError(f"{self.folder(stage)} is missing or incomplete; run `mlpmem {stage} --run-dir {self.path}` first")
+            raise UsageError(
+                f"{self.folder(stage)} is missing or incomplete; run `mlpmem {stage} --run-dir {self.path}` first"
+            )
         self.check_files(stage, manifest, hashes="small")
         self.check_not_stale(stage, manifest)
         return manifest
@@ -349,10 +375,16 @@ class RunDir:
                 raise UsageError(f"{path} is missing; rerun `mlpmem {stage} --run-dir {self.path}`")
             size = path.stat().st_size
             if size != record.bytes:
-                raise UsageError(f"{path} has {size:,} bytes, its manifest says {record.bytes:,} (truncated or replaced); rerun `mlpmem {stage}`")
+                raise UsageError(
+                    f"{path} has {size:,} bytes, its manifest says {record.bytes:,} (truncated or replaced); "
+                    f"rerun `mlpmem {stage}`"
+                )
             if hashes == "all" or (hashes == "small" and name not in arrays):
                 if file_sha256(path) != record.sha256:
-                    raise UsageError(f"{path} does not match its recorded content hash (corrupted or replaced); rerun `mlpmem {stage}`")
+                    raise UsageError(
+                        f"{path} does not match its recorded content hash (corrupted or replaced); "
+                        f"rerun `mlpmem {stage}`"
+                    )
 
     def check_not_stale(self, stage: str, manifest: Manifest) -> None:
         """A stage built from an upstream version that has since been rebuilt is refused."""
@@ -364,7 +396,10 @@ class RunDir:
                 continue
             current = self.read(upstream)
             if current is None or current.fingerprint != recorded:
-                raise UsageError(f"{self.folder(stage)} was built from another version of {upstream}; rerun `mlpmem {stage} --run-dir {self.path}`")
+                raise UsageError(
+                    f"{self.folder(stage)} was built from another version of {upstream}; "
+                    f"rerun `mlpmem {stage} --run-dir {self.path}`"
+                )
 
     def array(self, stage: str, name: str, manifest: Manifest | None = None) -> np.memmap:
         """A read-only memmap of an array of a complete stage."""
@@ -413,8 +448,10 @@ class RunDir:
         if (final := self.reusable(stage, config, inputs)) is not None:
             return StageBuild(self, stage, final, self.folder(stage), "complete")
         if self.folder(stage).is_symlink():
-            raise UsageError(f"{self.folder(stage)} is a link to {os.readlink(self.folder(stage))}, shared with another run: "
-                             f"refusing to rebuild it (use the config it was built with, or replace the link by a folder)")
+            raise UsageError(
+                f"{self.folder(stage)} is a link to {os.readlink(self.folder(stage))}, shared with another run: "
+                f"refusing to rebuild it (use the config it was built with, or replace the link by a folder)"
+            )
         partial_dir = self.partial_folder(stage)
         partial = self.read(stage, partial_dir) if partial_dir.exists() else None
         if partial is not None and self._same_identity(stage, partial, config, inputs) and not partial.complete:
@@ -423,7 +460,9 @@ class RunDir:
         shutil.rmtree(partial_dir, ignore_errors=True)
         with disk_errors(partial_dir):
             partial_dir.mkdir(parents=True)
-        manifest = spec.manifest(stage=stage, config=config.model_copy(), inputs=inputs, environment=Environment.current())
+        manifest = spec.manifest(
+            stage=stage, config=config.model_copy(), inputs=inputs, environment=Environment.current()
+        )
         build = StageBuild(self, stage, manifest, partial_dir, "fresh")
         build.save()
         return build
@@ -469,17 +508,24 @@ class RunDir:
             who = read_json(holder) if holder.is_file() else {}
             raise UsageError(
                 f"{self.path} is in use by `{who.get('command', 'another mlpmem command')}` "
-                f"(pid {who.get('pid', '?')} on {who.get('host', '?')}, since {who.get('since', '?')}); wait for it or use another --run-dir"
+                f"(pid {who.get('pid', '?')} on {who.get('host', '?')}, since {who.get('since', '?')}); "
+                "wait for it or use another --run-dir"
             ) from None
         except PermissionError:
             raise UsageError(f"cannot write to run directory {self.path}: permission denied") from None
         except OSError as err:
             raise UsageError(f"cannot use run directory {self.path}: {os.strerror(err.errno or 0) or err}") from None
         try:
-            atomic_write_json(self.path / f"{LOCK}.holder.json", {
-                "command": command, "pid": os.getpid(), "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv,
-            })
+            atomic_write_json(
+                self.path / f"{LOCK}.holder.json",
+                {
+                    "command": command,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "argv": sys.argv,
+                },
+            )
             yield
         finally:
             (self.path / f"{LOCK}.holder.json").unlink(missing_ok=True)
@@ -520,17 +566,26 @@ class StageBuild:
         for name, value in fields.items():
             setattr(self.manifest, name, value)
         now = time.time()
-        self.manifest.timings = {**self.manifest.timings, "seconds": round(now - self.started, 2), "completed_at": round(now, 3)}
+        self.manifest.timings = {
+            **self.manifest.timings,
+            "seconds": round(now - self.started, 2),
+            "completed_at": round(now, 3),
+        }
         (self.dir / PROGRESS).unlink(missing_ok=True)
         remove_temp_files(self.dir)
         self.manifest.files = {
-            str(p.relative_to(self.dir)): FileRecord(bytes=p.stat().st_size, sha256=file_sha256(p)) for p in content_files(self.dir)
+            str(p.relative_to(self.dir)): FileRecord(bytes=p.stat().st_size, sha256=file_sha256(p))
+            for p in content_files(self.dir)
         }
         self.manifest.status = "complete"
-        self.manifest.fingerprint = fingerprint_obj({
-            "stage": self.stage, "config": self.manifest.config.identity(), "inputs": self.manifest.inputs,
-            "files": {k: v.sha256 for k, v in self.manifest.files.items()},
-        })
+        self.manifest.fingerprint = fingerprint_obj(
+            {
+                "stage": self.stage,
+                "config": self.manifest.config.identity(),
+                "inputs": self.manifest.inputs,
+                "files": {k: v.sha256 for k, v in self.manifest.files.items()},
+            }
+        )
         self.save()
         shutil.rmtree(self.dir / "checkpoints", ignore_errors=True)  # kept until now: a kill before resumes from them
         if self.dir != self.run.folder(self.stage):

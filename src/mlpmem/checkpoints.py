@@ -60,10 +60,14 @@ def load_checkpoint(stage_dir: Path, model: torch.nn.Module) -> dict[str, Any] |
         model.load_state_dict(load_file(folder / "model" / "model.safetensors"), strict=False)
         state = torch.load(folder / "state.pt", weights_only=True)
     except pickle.UnpicklingError:
-        raise UsageError(f"refusing to resume from {folder / 'state.pt'}: it holds objects other than tensors and plain "
-                         "values (not written by mlpmem); remove the checkpoints folder to start afresh") from None
+        raise UsageError(
+            f"refusing to resume from {folder / 'state.pt'}: it holds objects other than tensors and plain "
+            "values (not written by mlpmem); remove the checkpoints folder to start afresh"
+        ) from None
     except (OSError, RuntimeError, SafetensorError, KeyError) as err:
-        raise UsageError(f"the checkpoint in {folder} is damaged ({type(err).__name__}); remove it to restart the stage") from None
+        raise UsageError(
+            f"the checkpoint in {folder} is damaged ({type(err).__name__}); remove it to restart the stage"
+        ) from None
     set_rng_state(state["rng"])
     return state
 

@@ -68,7 +68,10 @@ def parse_value(raw: str | list[str], annotation: Any) -> Any:
     """A flag value read as YAML (several values: a list); text kept as given where the field takes text."""
     if isinstance(raw, list):
         if len(raw) > 1:
-            return [parse_value(r, typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else annotation) for r in raw]
+            return [
+                parse_value(r, typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else annotation)
+                for r in raw
+            ]
         raw = raw[0]
     try:
         value = yaml.safe_load(raw)
@@ -95,8 +98,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type[StageConfig]) ->
         else:
             kind = {}
         note = "" if extra.get("identity", True) else "; does not change what the stage builds"
-        parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar=metavar(field.annotation), **kind,
-                            help=f"{field.description} (default: {default}{note})")
+        parser.add_argument(
+            *flags,
+            dest=name,
+            default=argparse.SUPPRESS,
+            metavar=metavar(field.annotation),
+            **kind,
+            help=f"{field.description} (default: {default}{note})",
+        )
 
 
 def stage_config(stage: str, args: argparse.Namespace) -> StageConfig:
@@ -126,7 +135,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         path = flag[2:].replace("-", "_").split(".")
         if path == ["stages"]:
             raw = " ".join(values)
-            data["stages"] = yaml.safe_load(raw) if raw.startswith("[") else [s for s in raw.replace(",", " ").split() if s]
+            data["stages"] = (
+                yaml.safe_load(raw) if raw.startswith("[") else [s for s in raw.replace(",", " ").split() if s]
+            )
             continue
         if len(path) == 1:
             data[path[0]] = values[0]
@@ -193,7 +204,9 @@ def default_run_dir(config: StageConfig, command: str) -> StageConfig:
         return config
     recent = most_recent_run()
     if recent is None:
-        raise UsageError(f"no run found under {RUNS_ROOT}/; pass --run-dir RUN (e.g. runs/demo after `make demo`)", field=None)
+        raise UsageError(
+            f"no run found under {RUNS_ROOT}/; pass --run-dir RUN (e.g. runs/demo after `make demo`)", field=None
+        )
     print(f"{command}: using {recent} (the most recent run; pass --run-dir to choose)", file=sys.stderr)
     return config.model_copy(update={"run_dir": recent})
 
@@ -204,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version", version=f"mlpmem {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
     run = sub.add_parser(
-        "run", help="run the stages listed in a pipeline YAML (configs/demo.yaml)",
+        "run",
+        help="run the stages listed in a pipeline YAML (configs/demo.yaml)",
         description="Run the stages a pipeline YAML lists, in order, reusing complete ones. Overrides: "
-        "--SECTION.KEY VALUE for any stage field (sections: " + ", ".join(stage_spec(s).section for s in BUILD_STAGES)
+        "--SECTION.KEY VALUE for any stage field (sections: "
+        + ", ".join(stage_spec(s).section for s in BUILD_STAGES)
         + "), e.g. --train_lm.max_steps 50; --stages prepare,train-lm (or space-separated) runs a subset.",
     )
     run.add_argument("config_path", type=Path, help="pipeline YAML: run_dir, stages and one section per stage")

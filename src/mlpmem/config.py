@@ -41,7 +41,8 @@ class StageConfig(BaseModel):
     def identity_fields(cls) -> set[str]:
         """The fields that define what the stage builds (everything not declared with ``setting``)."""
         return {
-            name for name, field in cls.model_fields.items()
+            name
+            for name, field in cls.model_fields.items()
             if not (isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("identity") is False)
         }
 
@@ -80,7 +81,9 @@ class PrepareConfig(StageConfig):
 
 
 class TrainLMConfig(StageConfig):
-    model: str | None = Field(None, description="HF id or path of a causal LM to continue training; none: GPT-2 from scratch")
+    model: str | None = Field(
+        None, description="HF id or path of a causal LM to continue training; none: GPT-2 from scratch"
+    )
     n_layer: int = Field(4, ge=1, description="layers of a from-scratch GPT-2")
     n_head: int = Field(4, ge=1, description="attention heads of a from-scratch GPT-2")
     n_embd: int = Field(256, ge=8, description="width of a from-scratch GPT-2")
@@ -98,7 +101,9 @@ class TrainLMConfig(StageConfig):
     eval_batches: int = Field(20, ge=1, description="validation micro-batches per validation run")
     seed: int = Field(0, description="random seed")
     device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: DType = Field("auto", description="autocast dtype: auto = bfloat16 on GPU and on CPUs with native bf16, else float32")
+    dtype: DType = Field(
+        "auto", description="autocast dtype: auto = bfloat16 on GPU and on CPUs with native bf16, else float32"
+    )
 
 
 class EvaluateConfig(StageConfig):
@@ -153,12 +158,17 @@ class TargetsConfig(StageConfig):
 
 
 class TrainMemoryConfig(StageConfig):
-    mode: Literal["offline", "online"] = Field("offline", description="keys from the datastore, or recomputed by the LM")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="keys from the datastore, or recomputed by the LM"
+    )
     key_layer: str | None = Field(
         None, description="LM module whose output is the memory's key (online mode); default: the datastore's key layer"
     )
     key_depth: float | None = Field(
-        None, gt=0, le=1, description="or: the feed-forward input of the block at this share of the LM's depth (online mode; "
+        None,
+        gt=0,
+        le=1,
+        description="or: the feed-forward input of the block at this share of the LM's depth (online mode; "
         "the paper's later version finds ~0.7 best)",
     )
     n_blocks: int = Field(4, ge=1, description="residual FFN blocks")
@@ -178,7 +188,9 @@ class TrainMemoryConfig(StageConfig):
     lmbda: float = Field(0.25, ge=0, le=1, description="default mixing weight saved with the memory")
     seed: int = Field(0, description="random seed")
     device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: DType = Field("auto", description="autocast dtype: auto = bfloat16 on GPU and on CPUs with native bf16, else float32")
+    dtype: DType = Field(
+        "auto", description="autocast dtype: auto = bfloat16 on GPU and on CPUs with native bf16, else float32"
+    )
 
     @model_validator(mode="after")
     def _one_key_choice(self) -> TrainMemoryConfig:
@@ -193,15 +205,23 @@ class GenerateConfig(StageConfig):
     do_sample: bool = Field(False, description="sample instead of greedy / beam search")
     temperature: float = Field(1.0, gt=0, description="sampling temperature, applied to the mixed distribution")
     top_k: int | None = Field(None, ge=1, description="sample among the k most probable tokens")
-    top_p: float | None = Field(None, gt=0, le=1, description="sample from the smallest set holding this much probability")
+    top_p: float | None = Field(
+        None, gt=0, le=1, description="sample from the smallest set holding this much probability"
+    )
     num_beams: int = Field(1, ge=1, description="beam search width (1: no beam search)")
     num_return_sequences: int = Field(1, ge=1, description="continuations per prompt (<= num_beams without sampling)")
     repetition_penalty: float | None = Field(None, gt=0, description="HF repetition penalty (1: none)")
     memory: bool = Field(True, description="mix in the run's MLP memory")
     knn: bool = Field(False, description="mix in the run's kNN-LM (live search of its datastore)")
-    lmbda: float | None = Field(None, ge=0, le=1, description="memory weight; default: the λ evaluate tuned, else the one saved with the memory")
-    knn_lmbda: float | None = Field(None, ge=0, le=1, description="kNN-LM weight; default: tuned by evaluate, else 0.25")
-    knn_temperature: float | None = Field(None, gt=0, description="T of p_kNN; default: tuned by evaluate, else the targets' T")
+    lmbda: float | None = Field(
+        None, ge=0, le=1, description="memory weight; default: the λ evaluate tuned, else the one saved with the memory"
+    )
+    knn_lmbda: float | None = Field(
+        None, ge=0, le=1, description="kNN-LM weight; default: tuned by evaluate, else 0.25"
+    )
+    knn_temperature: float | None = Field(
+        None, gt=0, description="T of p_kNN; default: tuned by evaluate, else the targets' T"
+    )
     k: int = Field(256, ge=1, description="neighbours retrieved per token for kNN-LM")
     nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
     seed: int = Field(0, description="random seed (sampling)")
@@ -210,7 +230,9 @@ class GenerateConfig(StageConfig):
 
 class BenchConfig(StageConfig):
     out_dir: Path | None = Field(
-        None, description="where bench.json and bench.png go; default: RUN_DIR/bench", json_schema_extra={"cli_aliases": ["--out"]}
+        None,
+        description="where bench.json and bench.png go; default: RUN_DIR/bench",
+        json_schema_extra={"cli_aliases": ["--out"]},
     )
     quick: bool = Field(
         False, description="small sizes and few tokens (fields you set yourself are kept): minutes on 2 CPU cores"
@@ -218,7 +240,8 @@ class BenchConfig(StageConfig):
     datastore_sizes: list[Annotated[int, Field(ge=1_000)]] = Field(
         [10_000, 100_000, 1_000_000, 10_000_000, 50_000_000],
         min_length=1,
-        description="synthetic datastore sizes (entries, >= 1000) kNN-LM is timed at; the run's own datastore is added when it has one",
+        description="synthetic datastore sizes (entries, >= 1000) kNN-LM is timed at; "
+        "the run's own datastore is added when it has one",
     )
     k: int = Field(1024, ge=1, description="neighbours retrieved per token for kNN-LM")
     nprobe: int = Field(32, ge=1, description="IVF lists searched")
@@ -228,13 +251,19 @@ class BenchConfig(StageConfig):
     new_tokens: int = Field(64, ge=2, description="decode steps timed per repeat (batch 1, KV cache)")
     repeats: int = Field(5, ge=1, description="timed repeats after one warm-up; medians are reported")
     score_batch: int = Field(8, ge=1, description="windows per forward when timing batched scoring")
-    score_context: int = Field(128, ge=2, description="window length when timing batched scoring (capped at the LM's positions)")
-    memory_blocks: int = Field(4, ge=1, description="blocks of a random-init memory, used when the run has no trained one")
+    score_context: int = Field(
+        128, ge=2, description="window length when timing batched scoring (capped at the LM's positions)"
+    )
+    memory_blocks: int = Field(
+        4, ge=1, description="blocks of a random-init memory, used when the run has no trained one"
+    )
     optimisations: list[Literal["bf16", "int8", "compile"]] = Field(
         ["bf16", "int8", "compile"], description="memory speed-ups to time against the eager float32 memory"
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch and FAISS; default: their own")
-    keep_indexes: bool = Field(False, description="keep the synthetic indexes under OUT_DIR/work (else deleted after timing)")
+    keep_indexes: bool = Field(
+        False, description="keep the synthetic indexes under OUT_DIR/work (else deleted after timing)"
+    )
     seed: int = Field(0, description="seed of the synthetic keys, values and inputs")
     device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
 

@@ -110,7 +110,10 @@ class TargetsManifest(Manifest):
         return self.arrays["tokens"].shape[1]
 
     def summary(self) -> dict[str, Any]:
-        return {"entries": self.entries, "self_missing": None if self.self_found is None else self.entries - self.self_found}
+        return {
+            "entries": self.entries,
+            "self_missing": None if self.self_found is None else self.entries - self.self_found,
+        }
 
 
 class TrainMemoryManifest(Manifest):
@@ -128,8 +131,12 @@ class TrainMemoryManifest(Manifest):
     valid_history: list[dict[str, float]] = Field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {"steps": self.steps, "parameters": self.parameters, "key_layer": self.key_layer,
-                "memory_bytes": sum(r.bytes for name, r in self.files.items() if name.endswith(".safetensors"))}
+        return {
+            "steps": self.steps,
+            "parameters": self.parameters,
+            "key_layer": self.key_layer,
+            "memory_bytes": sum(r.bytes for name, r in self.files.items() if name.endswith(".safetensors")),
+        }
 
 
 class SystemResult(BaseModel):

@@ -1,7 +1,7 @@
 """Progress bars with rates on a terminal, and plain periodic lines when the output is a log file or a pipe.
 
-    for x in progress(items, desc="datastore", unit="tok"): ...
-    with progress(total=n, desc="targets", unit="q") as bar: bar.update(k)
+for x in progress(items, desc="datastore", unit="tok"): ...
+with progress(total=n, desc="targets", unit="q") as bar: bar.update(k)
 """
 
 from __future__ import annotations

@@ -29,7 +29,11 @@ def print_run_summary(run_dir: Path, wall_times: dict[str, float], reused: set[s
         built = manifest.timings.get("seconds")
         now = wall_times.get(stage)
         now_text = "reused" if stage in reused else (f"{now:.1f}s" if now is not None else "-")
-        counts = ", ".join(f"{k}={_fmt(v)}" for k, v in manifest.summary().items() if v is not None) if manifest.complete else ""
+        counts = (
+            ", ".join(f"{k}={_fmt(v)}" for k, v in manifest.summary().items() if v is not None)
+            if manifest.complete
+            else ""
+        )
         print(f"{stage:<13} {manifest.status:<9} {f'{built:.0f}s' if built else '-':>9} {now_text:>9}  {counts}")
 
 
@@ -54,12 +58,18 @@ def verify(run_dir: Path) -> list[str]:
             for name in manifest.arrays:
                 run.array(stage, name, manifest)
             run.check_not_stale(stage, manifest)
-            print(f"{stage:<13} ok       {len(manifest.files)} files, {sum(r.bytes for r in manifest.files.values()):,} bytes")
+            print(
+                f"{stage:<13} ok       {len(manifest.files)} files, "
+                f"{sum(r.bytes for r in manifest.files.values()):,} bytes"
+            )
         except UsageError as err:
             problems.append(str(err))
             print(f"{stage:<13} PROBLEM  {err}")
         if run.partial_folder(stage).exists():
-            print(f"{stage:<13} note     an unfinished build in {run.partial_folder(stage)} (rerun the stage to resume it)")
+            print(
+                f"{stage:<13} note     an unfinished build in {run.partial_folder(stage)} "
+                "(rerun the stage to resume it)"
+            )
     if not found:
         raise UsageError(f"{run.path} holds no stage folders")
     return problems

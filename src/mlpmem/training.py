@@ -1,10 +1,10 @@
 """What every training stage shares: AdamW, the warm-up + linear-decay schedule, checkpoint cadence, NaN guard.
 
-    optimizer = make_optimizer(model, lr, weight_decay)
-    scheduler = make_scheduler(optimizer, warmup_steps, total_steps, min_lr_ratio)
-    ...
-    check_finite(loss, step, "train-lm")
-    if checkpoint_due(step, eval_interval, total_steps): ...
+optimizer = make_optimizer(model, lr, weight_decay)
+scheduler = make_scheduler(optimizer, warmup_steps, total_steps, min_lr_ratio)
+...
+check_finite(loss, step, "train-lm")
+if checkpoint_due(step, eval_interval, total_steps): ...
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def check_finite(loss: torch.Tensor, step: int, stage: str) -> None:
     value = float(loss.detach())
     if not math.isfinite(value):
         raise UsageError(
-            f"{stage} diverged at step {step}: the loss is {value} (lower --lr or --weight-decay, or raise --warmup-steps); "
-            "nothing was marked complete"
+            f"{stage} diverged at step {step}: the loss is {value} "
+            "(lower --lr or --weight-decay, or raise --warmup-steps); nothing was marked complete"
         )
 
 
@@ -61,7 +61,10 @@ def check_weights_finite(model: torch.nn.Module, stage: str) -> None:
     """Refuse to save weights holding nan/inf."""
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
-            raise UsageError(f"{stage}: parameter {name} holds nan/inf after training (lower --lr or --weight-decay); nothing was saved")
+            raise UsageError(
+                f"{stage}: parameter {name} holds nan/inf after training (lower --lr or --weight-decay); "
+                "nothing was saved"
+            )
 
 
 def safe_exp(x: float) -> float:

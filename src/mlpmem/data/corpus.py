@@ -38,7 +38,10 @@ def find_wikitext2_dir() -> Path | None:
         return Path(os.environ[SHARED_ENV])
     here = Path.cwd().resolve()
     for folder in (here, *here.parents):
-        for candidate in (folder / "shared" / "data" / "wikitext-2-v1", folder.parent / "shared" / "data" / "wikitext-2-v1"):
+        for candidate in (
+            folder / "shared" / "data" / "wikitext-2-v1",
+            folder.parent / "shared" / "data" / "wikitext-2-v1",
+        ):
             if (candidate / "wiki.train.tokens.xz").exists():
                 return candidate
     return None
@@ -66,7 +69,9 @@ def read_text(path: Path) -> str:
     except FileNotFoundError:
         raise UsageError(f"corpus file not found: {path}") from None
     except UnicodeDecodeError as err:
-        raise UsageError(f"corpus file {path} is not UTF-8 (bad byte at offset {err.start}); re-encode it as UTF-8") from None
+        raise UsageError(
+            f"corpus file {path} is not UTF-8 (bad byte at offset {err.start}); re-encode it as UTF-8"
+        ) from None
 
 
 def carve(text: str, valid_fraction: float, test_fraction: float) -> dict[str, str]:
@@ -91,7 +96,10 @@ def local_corpus(path: Path, valid_fraction: float, test_fraction: float) -> Cor
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise UsageError(f"corpus directory {path} holds no files")
-    named = {s: [f for f in files if f.name.startswith(s) or f.name.startswith("validation" if s == "valid" else s)] for s in SPLITS}
+    named = {
+        s: [f for f in files if f.name.startswith(s) or f.name.startswith("validation" if s == "valid" else s)]
+        for s in SPLITS
+    }
     if all(named.values()):
         splits = {s: "".join(read_text(f) for f in named[s]) for s in SPLITS}
         return Corpus(splits, f"text directory {path} (train/valid/test files)")
@@ -110,7 +118,9 @@ def hf_corpus(spec: str, text_column: str, valid_fraction: float, test_fraction:
     try:
         ds = datasets.load_dataset(name, config or None)
     except Exception as err:  # datasets raises many types for an unknown or unreachable name
-        raise UsageError(f"cannot load Hugging Face dataset {spec!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise UsageError(
+            f"cannot load Hugging Face dataset {spec!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
     if text_column not in ds[next(iter(ds))].column_names:
         raise UsageError(f"dataset {spec} has no column {text_column!r}; set --text-column")
     join = lambda split: "\n".join(ds[split][text_column]) + "\n"  # noqa: E731
@@ -119,7 +129,9 @@ def hf_corpus(spec: str, text_column: str, valid_fraction: float, test_fraction:
     return Corpus(carve(join(next(iter(ds))), valid_fraction, test_fraction), f"HF dataset {spec} (carved)")
 
 
-def load_corpus(source: str, valid_fraction: float = 0.05, test_fraction: float = 0.05, text_column: str = "text") -> Corpus:
+def load_corpus(
+    source: str, valid_fraction: float = 0.05, test_fraction: float = 0.05, text_column: str = "text"
+) -> Corpus:
     """Resolve a --corpus value to text splits; UsageError for a missing, empty or non-UTF-8 corpus."""
     if source == "wikitext-2-slice":
         corpus = bundled_wikitext2()
@@ -130,7 +142,9 @@ def load_corpus(source: str, valid_fraction: float = 0.05, test_fraction: float 
     else:
         path = Path(source).expanduser()
         if not path.exists():
-            raise UsageError(f"corpus not found: {source} (a text file, a directory, wikitext-2, wikitext-2-slice or hf:NAME)")
+            raise UsageError(
+                f"corpus not found: {source} (a text file, a directory, wikitext-2, wikitext-2-slice or hf:NAME)"
+            )
         corpus = local_corpus(path, valid_fraction, test_fraction)
     for split, text in corpus.splits.items():
         if not text.strip():

@@ -1,6 +1,6 @@
 """``mlpmem prepare``: corpus → tokenizer → token-id memmaps per split, with a manifest.
 
-    mlpmem prepare --corpus wikitext-2-slice --train-tokenizer 4096 --run-dir runs/demo
+mlpmem prepare --corpus wikitext-2-slice --train-tokenizer 4096 --run-dir runs/demo
 """
 
 from __future__ import annotations
@@ -33,7 +33,13 @@ def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 def train_bpe(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2 style) trained on ``text`` with the `tokenizers` library."""
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(text.splitlines(keepends=True), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
+    bpe.train_from_iterator(
+        text.splitlines(keepends=True),
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS],
+        show_progress=False,
+    )
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
 
 
@@ -53,10 +59,15 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str, desc: str) -> np.ndarr
 def refuse_other_tokenizer(run: RunDir, config: PrepareConfig) -> None:
     """A run whose later stages were built on another corpus/tokenizer is not silently re-prepared."""
     old = run.read("prepare")
-    downstream = [p.parent.name for p in run.path.glob("*/manifest.json")
-                  if p.parent.name.removesuffix(PARTIAL) != "prepare" and not p.parent.name.startswith(".")]
+    downstream = [
+        p.parent.name
+        for p in run.path.glob("*/manifest.json")
+        if p.parent.name.removesuffix(PARTIAL) != "prepare" and not p.parent.name.startswith(".")
+    ]
     if old is not None and old.config.identity() != config.identity() and downstream:
-        raise UsageError(f"{run.path} was prepared with another corpus or tokenizer and has later stages; use a new --run-dir")
+        raise UsageError(
+            f"{run.path} was prepared with another corpus or tokenizer and has later stages; use a new --run-dir"
+        )
 
 
 def prepare(config: PrepareConfig) -> PrepareManifest:

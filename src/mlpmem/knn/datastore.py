@@ -44,7 +44,10 @@ def window_sizes(config: DatastoreConfig, lm: TrainLMManifest, positions: int | 
         context = min(candidates)
     stride = config.stride or max(1, context // 2)
     if stride >= context:
-        raise UsageError(f"stride ({stride}) must be smaller than context ({context}) so that every position gets a key", field="stride")
+        raise UsageError(
+            f"stride ({stride}) must be smaller than context ({context}) so that every position gets a key",
+            field="stride",
+        )
     return context, stride
 
 
@@ -55,8 +58,16 @@ def _done_chunks(build: StageBuild) -> set[int]:
     return done
 
 
-def write_chunk(model: torch.nn.Module, key_layer: str, tokens: np.ndarray, chunk: list[Window], batch_size: int,
-                keys: np.memmap, values: np.memmap, device: torch.device) -> int:
+def write_chunk(
+    model: torch.nn.Module,
+    key_layer: str,
+    tokens: np.ndarray,
+    chunk: list[Window],
+    batch_size: int,
+    keys: np.memmap,
+    values: np.memmap,
+    device: torch.device,
+) -> int:
     """Keys and values of the positions one chunk of windows scores, written in place; returns how many.
 
     Non-finite keys (a model with nan weights) stop the stage with one line before anything is marked done.
@@ -65,8 +76,10 @@ def write_chunk(model: torch.nn.Module, key_layer: str, tokens: np.ndarray, chun
     for out in forward_windows(model, tokens, chunk, batch_size, key_layers=[key_layer], device=device):
         k = out.keys[key_layer].float()  # [b, d]
         if not torch.isfinite(k).all():
-            raise UsageError(f"the LM produced nan/inf keys at positions {out.positions[0]}..{out.positions[-1]}; "
-                             "its weights are probably broken (retrain it)")
+            raise UsageError(
+                f"the LM produced nan/inf keys at positions {out.positions[0]}..{out.positions[-1]}; "
+                "its weights are probably broken (retrain it)"
+            )
         keys[out.positions] = k.cpu().numpy().astype(keys.dtype)
         values[out.positions] = out.gold.numpy()
         n += len(out.positions)
@@ -87,12 +100,16 @@ def build_datastore(config: DatastoreConfig) -> DatastoreManifest:
     rank, world = state.process_index, state.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and world == 1:  # processes that would each act as the only one
-        raise UsageError(f"launched as {launched} processes but accelerate sees {world}; start with `accelerate launch` or torchrun")
+        raise UsageError(
+            f"launched as {launched} processes but accelerate sees {world}; start with `accelerate launch` or torchrun"
+        )
     device = state.device if (world > 1 and config.device == "auto") else resolve_device(config.device)
 
     model = load_lm(run_lm_dir(run.path), device)
     if prepare.vocab_size > model.config.vocab_size:
-        raise UsageError(f"the prepared tokens use {prepare.vocab_size} ids but the LM has only {model.config.vocab_size}")
+        raise UsageError(
+            f"the prepared tokens use {prepare.vocab_size} ids but the LM has only {model.config.vocab_size}"
+        )
     key_layer = key_module_path(model, config.key_layer)
     dim = key_dim(model, key_layer)
     context, stride = window_sizes(config, lm, max_positions(model))
@@ -114,8 +131,14 @@ def build_datastore(config: DatastoreConfig) -> DatastoreManifest:
     done = _done_chunks(build)
     mine = [c for c in range(len(chunks)) if c % world == rank]
     entries = lambda c: chunks[c][-1].end - 1 - chunks[c][0].first_scored  # noqa: E731
-    bar = progress(total=sum(map(entries, mine)), initial=sum(entries(c) for c in mine if c in done),
-                   unit="tok", unit_scale=True, desc="datastore", disable=not state.is_main_process)
+    bar = progress(
+        total=sum(map(entries, mine)),
+        initial=sum(entries(c) for c in mine if c in done),
+        unit="tok",
+        unit_scale=True,
+        desc="datastore",
+        disable=not state.is_main_process,
+    )
     t0, computed = time.time(), 0
     for c in (c for c in mine if c not in done):
         n = write_chunk(model, key_layer, tokens, chunks[c], config.batch_size, keys, values, device)
@@ -135,9 +158,18 @@ def build_datastore(config: DatastoreConfig) -> DatastoreManifest:
         for path in build.dir.glob(RANK_PROGRESS.format(rank="*")):
             path.unlink()
         # rate of the main process alone (each of the `world` processes extracts its share at about this rate)
-        build.manifest.timings = {**build.manifest.timings, "extract_seconds": round(seconds, 2),
-                                  "tokens_per_second": round(computed / max(seconds, 1e-9), 1)}
-        build.complete(model_fingerprint=lm.model_fingerprint, key_layer=key_layer, context=context, stride=stride,
-                       windows=len(windows), processes=world)
+        build.manifest.timings = {
+            **build.manifest.timings,
+            "extract_seconds": round(seconds, 2),
+            "tokens_per_second": round(computed / max(seconds, 1e-9), 1),
+        }
+        build.complete(
+            model_fingerprint=lm.model_fingerprint,
+            key_layer=key_layer,
+            context=context,
+            stride=stride,
+            windows=len(windows),
+            processes=world,
+        )
     state.wait_for_everyone()
     return run.require("datastore")

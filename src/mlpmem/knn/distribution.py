@@ -24,7 +24,9 @@ def neighbour_values(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return out
 
 
-def _scores(sq_dists: ArrayLike, values: ArrayLike, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _scores(
+    sq_dists: ArrayLike, values: ArrayLike, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(-d/T with -inf for missing neighbours [Q, k] float32, values [Q, k] int64, valid mask [Q, k])."""
     d = torch.as_tensor(sq_dists).float()
     v = torch.as_tensor(values).long()
@@ -33,7 +35,9 @@ def _scores(sq_dists: ArrayLike, values: ArrayLike, temperature: float) -> tuple
     return scores, v, valid
 
 
-def knn_log_prob_of(sq_dists: ArrayLike, neighbour_values: ArrayLike, gold: ArrayLike, temperature: float) -> torch.Tensor:
+def knn_log_prob_of(
+    sq_dists: ArrayLike, neighbour_values: ArrayLike, gold: ArrayLike, temperature: float
+) -> torch.Tensor:
     """log p_kNN(gold) [Q] float32: logsumexp of -d/T over neighbours whose value is gold, minus the logsumexp
     over all neighbours; -inf when gold is absent (or no neighbour was found)."""
     scores, v, valid = _scores(sq_dists, neighbour_values, temperature)  # [Q, k]
@@ -50,7 +54,9 @@ def _probs(scores: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(probs, nan=0.0)
 
 
-def knn_log_probs_dense(sq_dists: ArrayLike, neighbour_values: ArrayLike, temperature: float, vocab_size: int) -> torch.Tensor:
+def knn_log_probs_dense(
+    sq_dists: ArrayLike, neighbour_values: ArrayLike, temperature: float, vocab_size: int
+) -> torch.Tensor:
     """log p_kNN over the whole vocabulary [Q, V] float32 (tokens no neighbour carries: -inf)."""
     scores, v, valid = _scores(sq_dists, neighbour_values, temperature)
     probs = _probs(scores)  # [Q, k]

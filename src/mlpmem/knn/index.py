@@ -78,7 +78,9 @@ def _to_gpu(index: faiss.Index, use_gpu: str) -> tuple[faiss.Index, bool]:
         return faiss.index_cpu_to_all_gpus(index), True
     except RuntimeError as err:
         if use_gpu == "yes":
-            raise UsageError(f"this index cannot run on the GPU: {str(err).strip().splitlines()[0]}", field="use_gpu") from None
+            raise UsageError(
+                f"this index cannot run on the GPU: {str(err).strip().splitlines()[0]}", field="use_gpu"
+            ) from None
         return index, False
 
 
@@ -91,7 +93,9 @@ def make_index(factory: str, d: int, use_gpu: str) -> tuple[faiss.Index, int | N
     try:
         cpu_index = faiss.index_factory(d, factory, faiss.METRIC_L2)
     except RuntimeError as err:
-        raise UsageError(f"{factory!r} is not a FAISS factory string: {str(err).strip().splitlines()[-1]}", field="factory") from None
+        raise UsageError(
+            f"{factory!r} is not a FAISS factory string: {str(err).strip().splitlines()[-1]}", field="factory"
+        ) from None
     ivf = faiss.try_extract_index_ivf(cpu_index)
     if ivf is not None and hasattr(faiss.downcast_index(ivf), "do_polysemous_training"):
         # polysemous codes only serve Hamming filtering, which we never use; their training dominated build time
@@ -106,8 +110,11 @@ MIN_KEYS_PER_LIST = 39  # FAISS's own lower bound for a k-means it trusts
 def check_trainable(nlist: int | None, n_train: int, factory: str) -> None:
     """Refuse, before any work, a factory whose k-means would get fewer than 39 training keys per list."""
     if nlist is not None and n_train < MIN_KEYS_PER_LIST * nlist:
-        raise UsageError(f"{factory!r} has {nlist} lists but only {n_train} keys to train them (at least "
-                         f"{MIN_KEYS_PER_LIST} per list); use fewer lists, a larger --train-size or more keys", field="factory")
+        raise UsageError(
+            f"{factory!r} has {nlist} lists but only {n_train} keys to train them (at least "
+            f"{MIN_KEYS_PER_LIST} per list); use fewer lists, a larger --train-size or more keys",
+            field="factory",
+        )
 
 
 def build_index(config: IndexConfig) -> IndexManifest:
@@ -133,7 +140,9 @@ def build_index(config: IndexConfig) -> IndexManifest:
         try:
             index.train(sample)
         except RuntimeError as err:
-            raise UsageError(f"cannot train {factory!r} on {n_train} keys: {str(err).strip().splitlines()[-1]}", field="factory") from None
+            raise UsageError(
+                f"cannot train {factory!r} on {n_train} keys: {str(err).strip().splitlines()[-1]}", field="factory"
+            ) from None
         del sample
     train_seconds = time.time() - t0
     for a in range(0, n, config.add_chunk):
@@ -151,9 +160,19 @@ def build_index(config: IndexConfig) -> IndexManifest:
             tmp.unlink(missing_ok=True)
             raise
     os.replace(tmp, build.dir / INDEX_FILE)
-    build.manifest.timings = {**build.manifest.timings, "train_seconds": round(train_seconds, 2), "build_seconds": round(build_seconds, 2)}
-    return build.complete(factory=factory, nlist=nlist, nprobe=nprobe, ntotal=int(index.ntotal), built_on_gpu=on_gpu,
-                          peak_rss_mb=_peak_rss_mb())
+    build.manifest.timings = {
+        **build.manifest.timings,
+        "train_seconds": round(train_seconds, 2),
+        "build_seconds": round(build_seconds, 2),
+    }
+    return build.complete(
+        factory=factory,
+        nlist=nlist,
+        nprobe=nprobe,
+        ntotal=int(index.ntotal),
+        built_on_gpu=on_gpu,
+        peak_rss_mb=_peak_rss_mb(),
+    )
 
 
 def load_index(run_dir: Path, use_gpu: str = "no") -> tuple[faiss.Index, IndexManifest]:
@@ -169,10 +188,14 @@ def load_index(run_dir: Path, use_gpu: str = "no") -> tuple[faiss.Index, IndexMa
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as err:
-        raise UsageError(f"{path} is not a readable FAISS index ({str(err).strip().splitlines()[-1][:80]}); rerun `mlpmem index`") from None
+        raise UsageError(
+            f"{path} is not a readable FAISS index ({str(err).strip().splitlines()[-1][:80]}); rerun `mlpmem index`"
+        ) from None
     if index.d != datastore.key_dim or index.ntotal != datastore.entries:
-        raise UsageError(f"{path} holds {index.ntotal} keys of width {index.d}, the datastore {datastore.entries} of width "
-                         f"{datastore.key_dim}; rerun `mlpmem index`")
+        raise UsageError(
+            f"{path} holds {index.ntotal} keys of width {index.d}, the datastore {datastore.entries} of width "
+            f"{datastore.key_dim}; rerun `mlpmem index`"
+        )
     index, _ = _to_gpu(index, use_gpu)
     set_nprobe(index, manifest.nprobe)
     return index, manifest

@@ -18,7 +18,10 @@ def search(
     (IVF indexes) is set on ``index`` before searching. Missing neighbours come back as id -1.
     """
     if queries.ndim != 2 or queries.shape[1] != index.d:
-        raise UsageError(f"query width {queries.shape[-1]} does not match the index dimension {index.d} (another key layer or model?)")
+        raise UsageError(
+            f"query width {queries.shape[-1]} does not match the index dimension {index.d} "
+            "(another key layer or model?)"
+        )
     if k > index.ntotal:
         raise UsageError(f"--k ({k}) is larger than the datastore ({index.ntotal} entries)")
     if nprobe is not None:
@@ -32,7 +35,9 @@ def search(
     return dists, ids
 
 
-def rerank_exact(queries: np.ndarray, ids: np.ndarray, keys: np.ndarray, max_floats: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+def rerank_exact(
+    queries: np.ndarray, ids: np.ndarray, keys: np.ndarray, max_floats: int = 1 << 24
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact squared L2 [Q, k] float32 from the stored ``keys`` [N, d] for neighbour ``ids`` [Q, k], each row
     sorted by distance; ids -1 stay last with +inf. Works ``max_floats`` gathered key values at a time."""
     n, k = ids.shape

@@ -50,7 +50,10 @@ def build_targets(config: TargetsConfig) -> TargetsManifest:
         return done
     n = datastore.entries
     if config.k >= n:
-        raise UsageError(f"k ({config.k}) must be smaller than the datastore ({n} entries; each entry's own key is excluded)", field="k")
+        raise UsageError(
+            f"k ({config.k}) must be smaller than the datastore ({n} entries; each entry's own key is excluded)",
+            field="k",
+        )
     index, _ = load_index(run.path, use_gpu="auto")
     keys, values = run.array("datastore", "keys", datastore), run.array("datastore", "values", datastore)  # [N, d], [N]
     nprobe = config.nprobe or index_manifest.nprobe
@@ -82,6 +85,11 @@ def build_targets(config: TargetsConfig) -> TargetsManifest:
         bar.update(b - a)
     bar.close()
     seconds = time.time() - t0
-    build.manifest.timings = {**build.manifest.timings, "search_seconds": round(seconds, 2),
-                              "queries_per_second": round(computed / max(seconds, 1e-9), 1)}
-    return build.complete(nprobe=nprobe, self_found=int(np.asarray(self_found).sum()), faiss_threads=faiss.omp_get_max_threads())
+    build.manifest.timings = {
+        **build.manifest.timings,
+        "search_seconds": round(seconds, 2),
+        "queries_per_second": round(computed / max(seconds, 1e-9), 1),
+    }
+    return build.complete(
+        nprobe=nprobe, self_found=int(np.asarray(self_found).sum()), faiss_threads=faiss.omp_get_max_threads()
+    )

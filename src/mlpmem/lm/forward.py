@@ -76,7 +76,9 @@ def forward_windows(
         for hook in hooks:
             stack.enter_context(hook)
         for group in batches_of_equal_length(windows, batch_size):
-            x = torch.from_numpy(np.stack([np.asarray(tokens[w.begin : w.end], dtype=np.int64) for w in group]))  # [B, L]
+            x = torch.from_numpy(
+                np.stack([np.asarray(tokens[w.begin : w.end], dtype=np.int64) for w in group])
+            )  # [B, L]
             out = runner(input_ids=x.to(device), use_cache=False)
             rows = [slice(w.first_scored - w.begin, w.end - 1 - w.begin) for w in group]  # scored positions per row
             gold = torch.cat([x[j, r.start + 1 : r.stop + 1] for j, r in enumerate(rows)])  # [n]

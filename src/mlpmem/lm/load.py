@@ -43,10 +43,14 @@ def load_lm(name_or_path: str | Path, device: torch.device | str = "cpu") -> Pre
     try:
         model = AutoModelForCausalLM.from_pretrained(name)
     except pickle.UnpicklingError:
-        raise UsageError(f"refusing to load {name!r}: its weights are a pickle that is not plain tensors (convert it to safetensors)") from None
+        raise UsageError(
+            f"refusing to load {name!r}: its weights are a pickle that is not plain tensors (convert it to safetensors)"
+        ) from None
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load model {name!r} (not a local model folder or a reachable HF id): {first}") from None
+        raise UsageError(
+            f"cannot load model {name!r} (not a local model folder or a reachable HF id): {first}"
+        ) from None
     check_finite_weights(model, name)
     return model.to(device).eval()
 

@@ -42,9 +42,16 @@ def build_model(config: TrainLMConfig, vocab_size: int, prepared_tokenizer_fp: s
     if config.model is None:
         torch.manual_seed(config.seed)
         gpt2 = GPT2Config(
-            vocab_size=vocab_size, n_positions=config.context, n_embd=config.n_embd, n_layer=config.n_layer,
-            n_head=config.n_head, resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
-            bos_token_id=0, eos_token_id=0,
+            vocab_size=vocab_size,
+            n_positions=config.context,
+            n_embd=config.n_embd,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            resid_pdrop=config.dropout,
+            embd_pdrop=config.dropout,
+            attn_pdrop=config.dropout,
+            bos_token_id=0,
+            eos_token_id=0,
         )
         return GPT2LMHeadModel(gpt2)
     if vocab_fingerprint(load_tokenizer(config.model)) != prepared_tokenizer_fp:
@@ -82,7 +89,9 @@ def validation_loss(model: PreTrainedModel, tokens: np.ndarray, config: TrainLMC
 
 def check_inputs(config: TrainLMConfig, train: np.ndarray) -> None:
     if len(train) <= config.context + 1:
-        raise UsageError(f"the train split has {len(train)} tokens, fewer than context {config.context} + 2", field="context")
+        raise UsageError(
+            f"the train split has {len(train)} tokens, fewer than context {config.context} + 2", field="context"
+        )
     if config.model is None and config.n_embd % config.n_head:
         raise UsageError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})", field="n_embd")
 
@@ -99,7 +108,9 @@ def train_lm(config: TrainLMConfig) -> TrainLMManifest:
     model = build_model(config, prep.vocab_size, prep.tokenizer_fingerprint).train()  # validates before any write
     build = run.begin("train-lm", config, inputs)
     device = resolve_device(config.device)
-    precision = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_dtype(config.dtype, device)]
+    precision = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[
+        resolve_dtype(config.dtype, device)
+    ]
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
@@ -121,20 +132,32 @@ def train_lm(config: TrainLMConfig) -> TrainLMManifest:
         model_fingerprint=model_fingerprint(build.dir / "model"),
         parameters=sum(p.numel() for p in final.parameters()),
         steps=config.max_steps,
-        train_tokens=config.max_steps * config.batch_size * config.grad_accum * config.context * accelerator.num_processes,
+        train_tokens=config.max_steps
+        * config.batch_size
+        * config.grad_accum
+        * config.context
+        * accelerator.num_processes,
         valid_loss=history[-1]["valid_loss"] if history else None,
     )
 
 
 def fit(
-    config: TrainLMConfig, build: StageBuild, accelerator: Accelerator, model: PreTrainedModel,
-    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train: np.ndarray, valid: np.ndarray, step: int,
+    config: TrainLMConfig,
+    build: StageBuild,
+    accelerator: Accelerator,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train: np.ndarray,
+    valid: np.ndarray,
+    step: int,
 ) -> None:
     """The training loop from ``step``: validation and a checkpoint at every interval and after the last step."""
     rank, world = accelerator.process_index, accelerator.num_processes
     tokens_per_step = config.batch_size * config.grad_accum * config.context * world
-    bar = progress(total=config.max_steps, initial=step, desc="train-lm", unit="step", disable=not accelerator.is_main_process)
+    bar = progress(
+        total=config.max_steps, initial=step, desc="train-lm", unit="step", disable=not accelerator.is_main_process
+    )
     t_train, n_trained = 0.0, 0
     while step < config.max_steps:
         t0 = time.perf_counter()
@@ -152,14 +175,23 @@ def fit(
         t_train += time.perf_counter() - t0
         n_trained += tokens_per_step
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item() * config.grad_accum:.3f}", tok_s=f"{n_trained / t_train:,.0f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{loss.item() * config.grad_accum:.3f}", tok_s=f"{n_trained / t_train:,.0f}", refresh=False
+        )
         if checkpoint_due(step, config.eval_interval, config.max_steps):
             val = validation_loss(model, valid, config, accelerator.device)
             check_finite(torch.tensor(val), step, "train-lm")
-            build.manifest.history = [*build.manifest.history, {"step": step, "train_loss": round(loss.item() * config.grad_accum, 4), "valid_loss": round(val, 4)}]
+            build.manifest.history = [
+                *build.manifest.history,
+                {"step": step, "train_loss": round(loss.item() * config.grad_accum, 4), "valid_loss": round(val, 4)},
+            ]
             bar.write(f"step {step}: valid loss {val:.4f} (ppl {safe_exp(val):.2f})")
             if accelerator.is_main_process:
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": build.manifest.history}
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": build.manifest.history,
+                }
                 save_checkpoint(build.dir, step, accelerator.unwrap_model(model), state)
                 if t_train:
                     build.manifest.train_tokens_per_s = round(n_trained / t_train, 1)

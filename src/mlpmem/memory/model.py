@@ -29,7 +29,7 @@ FFN_TYPES = ("gelu", "swiglu")
 
 
 def ffn_width(hidden_size: int, ffn: str) -> int:
-    """Inner width of a block: 4h for GELU; 8h/3 (rounded up to a multiple of 8) for SwiGLU, so both have ~8h² weights."""
+    """Inner width of a block: 4h for GELU; 8h/3 (rounded up to a multiple of 8) for SwiGLU: both ~8h² weights."""
     if ffn == "gelu":
         return 4 * hidden_size
     return 8 * math.ceil(8 * hidden_size / 3 / 8)
@@ -147,7 +147,8 @@ class MLPMemory(PreTrainedModel):
         if tuple(embedding_weight.shape) != tuple(self.head.weight.shape):
             log.warning(
                 "vocab head not initialised from the LM: its output embedding is %s, the head is %s",
-                tuple(embedding_weight.shape), tuple(self.head.weight.shape),
+                tuple(embedding_weight.shape),
+                tuple(self.head.weight.shape),
             )
             return False
         with torch.no_grad():
@@ -170,7 +171,9 @@ def check_pairing(memory_config: MLPMemoryConfig, lm: PreTrainedModel, model_fin
     layer = key_module_path(lm, memory_config.key_layer)  # UsageError when the LM has no such module
     width = key_dim(lm, layer)
     if memory_config.input_dim != width:
-        raise UsageError(f"this memory reads keys of width {memory_config.input_dim}, but {layer!r} of the LM gives {width}")
+        raise UsageError(
+            f"this memory reads keys of width {memory_config.input_dim}, but {layer!r} of the LM gives {width}"
+        )
     if memory_config.vocab_size != lm.config.vocab_size:
         raise UsageError(f"the memory predicts {memory_config.vocab_size} tokens, the LM {lm.config.vocab_size}")
     return layer
@@ -189,7 +192,9 @@ def load_memory(path_or_run_dir: str | Path, device: torch.device | str = "cpu")
         if (folder / "config.json").is_file():
             break
     else:
-        raise UsageError(f"no MLP memory at {path} (expected RUN_DIR/train-memory/model); run `mlpmem train-memory` first")
+        raise UsageError(
+            f"no MLP memory at {path} (expected RUN_DIR/train-memory/model); run `mlpmem train-memory` first"
+        )
     model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type != MLPMemoryConfig.model_type:
         raise UsageError(f"{folder} holds a {model_type!r} model, not an MLP memory")

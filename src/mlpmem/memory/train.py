@@ -71,7 +71,11 @@ class OfflineKeys:
 
 
 def window_keys(
-    lm: PreTrainedModel, key_layer: str, tokens: np.ndarray, windows: list[Window], device: torch.device,
+    lm: PreTrainedModel,
+    key_layer: str,
+    tokens: np.ndarray,
+    windows: list[Window],
+    device: torch.device,
     forward_batch: int = 8,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Entry ids [n] and keys [n, d] (float32) of the positions ``windows`` score, through the forward core
@@ -159,8 +163,14 @@ class Targets:
 
 @torch.no_grad()
 def validate(
-    model: torch.nn.Module, keys: torch.Tensor, ids: np.ndarray, targets: Targets, alpha: float,
-    batch_size: int, device: torch.device, dtype: torch.dtype,
+    model: torch.nn.Module,
+    keys: torch.Tensor,
+    ids: np.ndarray,
+    targets: Targets,
+    alpha: float,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> dict[str, float]:
     """Mean loss, kl and ce over the held-out entries (keys [n, d] already computed)."""
     model.eval()
@@ -180,9 +190,14 @@ def validate(
 def check_inputs(ds: DatastoreManifest, tg: TargetsManifest, config: TrainMemoryConfig) -> int:
     """The number of entries, after checking targets and datastore belong together; UsageError otherwise."""
     if tg.entries != ds.entries:
-        raise UsageError(f"the targets have {tg.entries} rows, the datastore {ds.entries} entries; rerun `mlpmem targets`")
+        raise UsageError(
+            f"the targets have {tg.entries} rows, the datastore {ds.entries} entries; rerun `mlpmem targets`"
+        )
     if config.valid_size >= ds.entries:
-        raise UsageError(f"valid_size ({config.valid_size}) must be smaller than the datastore ({ds.entries} entries)", field="valid_size")
+        raise UsageError(
+            f"valid_size ({config.valid_size}) must be smaller than the datastore ({ds.entries} entries)",
+            field="valid_size",
+        )
     return ds.entries
 
 
@@ -195,23 +210,41 @@ def memory_key_layer(config: TrainMemoryConfig, ds: DatastoreManifest, lm: PreTr
         return ds.key_layer
     layer = key_module_path(lm, config.key_layer, config.key_depth)
     if layer != ds.key_layer and config.mode == "offline":
-        raise UsageError(f"offline mode reads the datastore's keys ({ds.key_layer}); use --mode online to read {layer}", field="mode")
+        raise UsageError(
+            f"offline mode reads the datastore's keys ({ds.key_layer}); use --mode online to read {layer}", field="mode"
+        )
     return layer
 
 
-def build_memory(config: TrainMemoryConfig, ds: DatastoreManifest, tg: TargetsManifest, lm_fingerprint: str,
-                 key_layer: str, width: int, vocab_size: int) -> MLPMemory:
+def build_memory(
+    config: TrainMemoryConfig,
+    ds: DatastoreManifest,
+    tg: TargetsManifest,
+    lm_fingerprint: str,
+    key_layer: str,
+    width: int,
+    vocab_size: int,
+) -> MLPMemory:
     """A fresh memory whose config records the base LM, its key layer, default λ, T and α."""
     torch.manual_seed(config.seed)
     memory_config = MLPMemoryConfig(
-        input_dim=width, hidden_size=config.hidden_size or width, n_blocks=config.n_blocks, ffn=config.ffn,
-        vocab_size=vocab_size, base_model_fingerprint=lm_fingerprint, key_layer=key_layer, lmbda=config.lmbda,
-        knn_temperature=tg.config.knn_temperature, alpha=config.alpha,
+        input_dim=width,
+        hidden_size=config.hidden_size or width,
+        n_blocks=config.n_blocks,
+        ffn=config.ffn,
+        vocab_size=vocab_size,
+        base_model_fingerprint=lm_fingerprint,
+        key_layer=key_layer,
+        lmbda=config.lmbda,
+        knn_temperature=tg.config.knn_temperature,
+        alpha=config.alpha,
     )
     return MLPMemory(memory_config)
 
 
-def make_source(config: TrainMemoryConfig, ds: DatastoreManifest, lm: PreTrainedModel | None, key_layer: str) -> KeySource:
+def make_source(
+    config: TrainMemoryConfig, ds: DatastoreManifest, lm: PreTrainedModel | None, key_layer: str
+) -> KeySource:
     """The key source of ``config.mode`` over the first N - valid_size entries.
 
     Online keys come from the LM in float32, as the datastore's did; only the memory runs under autocast.
@@ -234,7 +267,9 @@ def train_memory(config: TrainMemoryConfig) -> TrainMemoryManifest:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     if dtype == torch.float16:
-        raise UsageError("float16 is not supported for training (no loss scaling); use bfloat16 or float32", field="dtype")
+        raise UsageError(
+            "float16 is not supported for training (no loss scaling); use bfloat16 or float32", field="dtype"
+        )
     accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False)
     if accelerator.num_processes > 1:
         device = accelerator.device
@@ -242,7 +277,9 @@ def train_memory(config: TrainMemoryConfig) -> TrainMemoryManifest:
     lm = load_lm(run_lm_dir(run.path), device if online else "cpu")
     key_layer = memory_key_layer(config, ds, lm)
     source = make_source(config, ds, lm, key_layer)
-    memory = build_memory(config, ds, tg, lm_manifest.model_fingerprint, key_layer, key_dim(lm, key_layer), lm.config.vocab_size)
+    memory = build_memory(
+        config, ds, tg, lm_manifest.model_fingerprint, key_layer, key_dim(lm, key_layer), lm.config.vocab_size
+    )
     head_from_lm = memory.init_head_from(lm.get_output_embeddings().weight) if config.init_head_from_lm else False
     if not online:
         del lm
@@ -282,9 +319,16 @@ def begin_stage(run: RunDir, config: TrainMemoryConfig, inputs: dict[str, str], 
 
 
 def fit(
-    config: TrainMemoryConfig, build: StageBuild, accelerator: Accelerator, memory: torch.nn.Module,
-    optimizer: torch.optim.Optimizer, source: KeySource, n_entries: int, state: dict | None,
-    device: torch.device, dtype: torch.dtype,
+    config: TrainMemoryConfig,
+    build: StageBuild,
+    accelerator: Accelerator,
+    memory: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    source: KeySource,
+    n_entries: int,
+    state: dict | None,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> dict:
     """The training loop, from step 0 or a checkpoint's ``state``; returns step, timings and validation results."""
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -312,7 +356,9 @@ def fit(
     keys_seen = int(state["keys_seen"]) if state else 0
     if step == 0:
         run_validation(0, history)
-    bar = progress(total=total_steps, initial=step, desc="train-memory", unit="step", disable=not accelerator.is_main_process)
+    bar = progress(
+        total=total_steps, initial=step, desc="train-memory", unit="step", disable=not accelerator.is_main_process
+    )
     while step < total_steps:
         t0 = time.perf_counter()
         units = units_for_step(step, per_step, source.n_units, config.seed)[rank::world]
@@ -330,14 +376,20 @@ def fit(
         train_seconds += time.perf_counter() - t0
         keys_seen += len(ids) * world
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{kl.item():.3f}", keys_s=f"{keys_seen / train_seconds:,.0f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}", kl=f"{kl.item():.3f}", keys_s=f"{keys_seen / train_seconds:,.0f}", refresh=False
+        )
         if checkpoint_due(step, config.eval_interval, total_steps):
             if step < total_steps and (result := run_validation(step, history)) is not None:
                 bar.write(f"step {step}: valid loss {result['loss']:.4f} kl {result['kl']:.4f} ce {result['ce']:.4f}")
             if accelerator.is_main_process:
                 progress_state = {"train_seconds": train_seconds, "keys_seen": keys_seen, "valid_history": history}
-                save_checkpoint(build.dir, step, accelerator.unwrap_model(memory),
-                                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **progress_state})
+                save_checkpoint(
+                    build.dir,
+                    step,
+                    accelerator.unwrap_model(memory),
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **progress_state},
+                )
                 build.manifest.valid_history = history
                 build.save()
             accelerator.wait_for_everyone()
@@ -345,7 +397,13 @@ def fit(
     final = run_validation(step, history)
     if final is not None:
         check_finite(torch.tensor(final["loss"]), step, "train-memory")
-    return {"step": step, "train_seconds": train_seconds, "keys_seen": keys_seen, "valid": final, "valid_history": history}
+    return {
+        "step": step,
+        "train_seconds": train_seconds,
+        "keys_seen": keys_seen,
+        "valid": final,
+        "valid_history": history,
+    }
 
 
 def _online_inputs(run_dir: Path, ds: DatastoreManifest) -> tuple[np.ndarray, list[Window]]:
@@ -356,6 +414,7 @@ def _online_inputs(run_dir: Path, ds: DatastoreManifest) -> tuple[np.ndarray, li
     if scored != ds.entries or len(tokens) - 1 != ds.entries:
         raise UsageError(
             f"online mode recomputes keys by position, but the datastore's windows (context {ds.context}, "
-            f"stride {ds.stride}) score {scored} of {len(tokens) - 1} positions for {ds.entries} entries; use --mode offline"
+            f"stride {ds.stride}) score {scored} of {len(tokens) - 1} positions for {ds.entries} entries; "
+            "use --mode offline"
         )
     return tokens, windows
