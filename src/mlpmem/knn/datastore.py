@@ -86,54 +86,96 @@ def write_chunk(
     return n
 
 
-def build_datastore(config: DatastoreConfig) -> DatastoreManifest:
-    """Extract the keys and values of one prepared split with the run's LM; returns the datastore manifest."""
+def process_group(config: DatastoreConfig):
+    """accelerate's process state (one process unless launched) and the device this rank works on."""
     from accelerate import PartialState  # works without any accelerate config in a single process
 
+    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=on_cpu)  # cpu=True: several CPU processes (torchrun) join a gloo group
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes == 1:  # processes that would each act as the only one
+        raise UsageError(
+            f"launched as {launched} processes but accelerate sees one; start with `accelerate launch` or torchrun"
+        )
+    device = state.device if (state.num_processes > 1 and config.device == "auto") else resolve_device(config.device)
+    return state, device
+
+
+def begin_build(
+    run: RunDir, config: DatastoreConfig, inputs: dict[str, str], state, shape: tuple[int, int]
+) -> StageBuild:
+    """The main process begins the stage and allocates keys [N, d] and values [N]; the other ranks join it."""
+    if state.is_main_process:
+        build = run.begin("datastore", config, inputs)
+        build.add_array("keys", config.key_dtype, shape)
+        build.add_array("values", "int32", shape[:1])
+    state.wait_for_everyone()
+    return build if state.is_main_process else run.join("datastore")
+
+
+def build_datastore(config: DatastoreConfig) -> DatastoreManifest:
+    """Extract the keys and values of one prepared split with the run's LM; returns the datastore manifest."""
     run = RunDir(config.run_dir)
     prepare, lm = run.require("prepare"), run.require("train-lm")
     inputs = {"prepare": prepare.fingerprint, "train-lm": lm.fingerprint}
     if (done := run.reusable("datastore", config, inputs)) is not None:
         return done
-    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    state = PartialState(cpu=on_cpu)  # cpu=True: several CPU processes (torchrun) join a gloo group
-    rank, world = state.process_index, state.num_processes
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and world == 1:  # processes that would each act as the only one
-        raise UsageError(
-            f"launched as {launched} processes but accelerate sees {world}; start with `accelerate launch` or torchrun"
-        )
-    device = state.device if (world > 1 and config.device == "auto") else resolve_device(config.device)
-
+    state, device = process_group(config)
     model = load_lm(run_lm_dir(run.path), device)
     if prepare.vocab_size > model.config.vocab_size:
         raise UsageError(
             f"the prepared tokens use {prepare.vocab_size} ids but the LM has only {model.config.vocab_size}"
         )
     key_layer = key_module_path(model, config.key_layer)
-    dim = key_dim(model, key_layer)
     context, stride = window_sizes(config, lm, max_positions(model))
     tokens = open_split(run.path, config.split)  # [n_tokens] memmap
-    n_entries = len(tokens) - 1
     windows = sliding_windows(len(tokens), context, stride)
     chunks = [windows[i : i + config.chunk_windows] for i in range(0, len(windows), config.chunk_windows)]
 
+    build = begin_build(run, config, inputs, state, (len(tokens) - 1, key_dim(model, key_layer)))
+    seconds, computed = extract(
+        build,
+        chunks,
+        state,
+        lambda chunk, keys, values: write_chunk(
+            model, key_layer, tokens, chunk, config.batch_size, keys, values, device
+        ),
+    )
     if state.is_main_process:
-        build = run.begin("datastore", config, inputs)
-        build.add_array("keys", config.key_dtype, (n_entries, dim))
-        build.add_array("values", "int32", (n_entries,))
+        for path in build.dir.glob(RANK_PROGRESS.format(rank="*")):
+            path.unlink()
+        # rate of the main process alone (each of the `world` processes extracts its share at about this rate)
+        rate = round(computed / max(seconds, 1e-9), 1)
+        build.manifest.timings = {
+            **build.manifest.timings,
+            "extract_seconds": round(seconds, 2),
+            "tokens_per_second": rate,
+        }
+        build.complete(
+            model_fingerprint=lm.model_fingerprint,
+            key_layer=key_layer,
+            context=context,
+            stride=stride,
+            windows=len(windows),
+            processes=state.num_processes,
+        )
     state.wait_for_everyone()
-    if not state.is_main_process:
-        build = run.join("datastore")
+    return run.require("datastore")
+
+
+def extract(build: StageBuild, chunks: list[list[Window]], state, write) -> tuple[float, int]:
+    """Write this rank's chunks not yet done (``write(chunk, keys, values)``), marking each once flushed;
+    returns (seconds, entries written)."""
+    rank, world = state.process_index, state.num_processes
     keys = build.manifest.arrays["keys"].open(build.dir, "r+")  # [N, d]
     values = build.manifest.arrays["values"].open(build.dir, "r+")  # [N]
-
     done = _done_chunks(build)
     mine = [c for c in range(len(chunks)) if c % world == rank]
     entries = lambda c: chunks[c][-1].end - 1 - chunks[c][0].first_scored  # noqa: E731
+    initial = sum(entries(c) for c in mine if c in done)
     bar = progress(
         total=sum(map(entries, mine)),
-        initial=sum(entries(c) for c in mine if c in done),
+        initial=initial,
         unit="tok",
         unit_scale=True,
         desc="datastore",
@@ -141,7 +183,7 @@ def build_datastore(config: DatastoreConfig) -> DatastoreManifest:
     )
     t0, computed = time.time(), 0
     for c in (c for c in mine if c not in done):
-        n = write_chunk(model, key_layer, tokens, chunks[c], config.batch_size, keys, values, device)
+        n = write(chunks[c], keys, values)
         keys.flush()
         values.flush()
         if world == 1:
@@ -154,22 +196,4 @@ def build_datastore(config: DatastoreConfig) -> DatastoreManifest:
     bar.close()
     seconds = time.time() - t0
     state.wait_for_everyone()
-    if state.is_main_process:
-        for path in build.dir.glob(RANK_PROGRESS.format(rank="*")):
-            path.unlink()
-        # rate of the main process alone (each of the `world` processes extracts its share at about this rate)
-        build.manifest.timings = {
-            **build.manifest.timings,
-            "extract_seconds": round(seconds, 2),
-            "tokens_per_second": round(computed / max(seconds, 1e-9), 1),
-        }
-        build.complete(
-            model_fingerprint=lm.model_fingerprint,
-            key_layer=key_layer,
-            context=context,
-            stride=stride,
-            windows=len(windows),
-            processes=world,
-        )
-    state.wait_for_everyone()
-    return run.require("datastore")
+    return seconds, computed

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -318,6 +319,61 @@ def begin_stage(run: RunDir, config: TrainMemoryConfig, inputs: dict[str, str], 
     return build if build is not None else run.join("train-memory")
 
 
+@dataclass
+class LoopState:
+    """What a checkpoint carries besides weights and optimizer: the step, timings and validation history."""
+
+    step: int = 0
+    train_seconds: float = 0.0
+    keys_seen: int = 0
+    valid_history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def from_checkpoint(cls, state: dict | None) -> LoopState:
+        if not state:
+            return cls()
+        return cls(
+            int(state["step"]), float(state["train_seconds"]), int(state["keys_seen"]), list(state["valid_history"])
+        )
+
+    def saved(self) -> dict:
+        return {"train_seconds": self.train_seconds, "keys_seen": self.keys_seen, "valid_history": self.valid_history}
+
+
+def restore_scheduler(
+    scheduler: torch.optim.lr_scheduler.LRScheduler, optimizer: torch.optim.Optimizer, state: dict | None
+) -> None:
+    if state:
+        scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # the scheduler's constructor reset the restored lr to that of step 0
+
+
+def train_step(
+    memory: torch.nn.Module,
+    keys: torch.Tensor,
+    rows: tuple,
+    config: TrainMemoryConfig,
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    device: torch.device,
+    dtype: torch.dtype,
+    step: int,
+):
+    """One update on keys [b, d] and their target rows; returns (loss, kl)."""
+    with autocast(device, dtype):
+        logits = memory(keys)  # [b, V]
+    loss, kl, _ = memory_loss(logits, *rows, config.alpha)
+    check_finite(loss, step, "train-memory")
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(memory.parameters(), config.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, kl
+
+
 def fit(
     config: TrainMemoryConfig,
     build: StageBuild,
@@ -335,74 +391,56 @@ def fit(
     per_step = max(world, round(config.batch_size / source.keys_per_unit))  # units per global step
     total_steps = max(1, math.ceil(config.epochs * source.n_units / per_step))
     scheduler = make_scheduler(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
+    restore_scheduler(scheduler, optimizer, state)
     targets = Targets(Path(config.run_dir))
     valid_ids = np.arange(source.n_train, n_entries)
     valid_keys = source.keys_for(valid_ids, torch.device("cpu")) if len(valid_ids) else None  # [n_valid, d]
 
-    def run_validation(at_step: int, history: list) -> dict[str, float] | None:
+    def run_validation(at: LoopState) -> dict[str, float] | None:
         if valid_keys is None:
             return None
         result = validate(memory, valid_keys, valid_ids, targets, config.alpha, config.batch_size, device, dtype)
-        history.append({"step": at_step, **result})
+        at.valid_history.append({"step": at.step, **result})
         return result
 
-    step = int(state["step"]) if state else 0
-    if state:
-        scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr  # the scheduler's constructor reset the restored lr to that of step 0
-    history = list(state["valid_history"]) if state else []
-    train_seconds = float(state["train_seconds"]) if state else 0.0
-    keys_seen = int(state["keys_seen"]) if state else 0
-    if step == 0:
-        run_validation(0, history)
-    bar = progress(
-        total=total_steps, initial=step, desc="train-memory", unit="step", disable=not accelerator.is_main_process
-    )
-    while step < total_steps:
+    loop = LoopState.from_checkpoint(state)
+    if loop.step == 0:
+        run_validation(loop)
+    main = accelerator.is_main_process
+    bar = progress(total=total_steps, initial=loop.step, desc="train-memory", unit="step", disable=not main)
+    while loop.step < total_steps:
         t0 = time.perf_counter()
-        units = units_for_step(step, per_step, source.n_units, config.seed)[rank::world]
-        ids, keys = source.batch(units, device)  # [b], [b, d]
-        with autocast(device, dtype):
-            logits = memory(keys)  # [b, V]
-        loss, kl, ce = memory_loss(logits, *targets.rows(ids, device), config.alpha)
-        check_finite(loss, step, "train-memory")
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(memory.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        train_seconds += time.perf_counter() - t0
-        keys_seen += len(ids) * world
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{loss.item():.3f}", kl=f"{kl.item():.3f}", keys_s=f"{keys_seen / train_seconds:,.0f}", refresh=False
+        ids, keys = source.batch(units_for_step(loop.step, per_step, source.n_units, config.seed)[rank::world], device)
+        loss, kl = train_step(
+            memory, keys, targets.rows(ids, device), config, accelerator, optimizer, scheduler, device, dtype, loop.step
         )
-        if checkpoint_due(step, config.eval_interval, total_steps):
-            if step < total_steps and (result := run_validation(step, history)) is not None:
-                bar.write(f"step {step}: valid loss {result['loss']:.4f} kl {result['kl']:.4f} ce {result['ce']:.4f}")
-            if accelerator.is_main_process:
-                progress_state = {"train_seconds": train_seconds, "keys_seen": keys_seen, "valid_history": history}
-                save_checkpoint(
-                    build.dir,
-                    step,
-                    accelerator.unwrap_model(memory),
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **progress_state},
+        loop.step += 1
+        loop.train_seconds += time.perf_counter() - t0
+        loop.keys_seen += len(ids) * world
+        bar.update(1)
+        rate = f"{loop.keys_seen / loop.train_seconds:,.0f}"
+        bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{kl.item():.3f}", keys_s=rate, refresh=False)
+        if checkpoint_due(loop.step, config.eval_interval, total_steps):
+            if loop.step < total_steps and (result := run_validation(loop)) is not None:
+                bar.write(
+                    f"step {loop.step}: valid loss {result['loss']:.4f} kl {result['kl']:.4f} ce {result['ce']:.4f}"
                 )
-                build.manifest.valid_history = history
+            if main:
+                extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **loop.saved()}
+                save_checkpoint(build.dir, loop.step, accelerator.unwrap_model(memory), extra)
+                build.manifest.valid_history = loop.valid_history
                 build.save()
             accelerator.wait_for_everyone()
     bar.close()
-    final = run_validation(step, history)
+    final = run_validation(loop)
     if final is not None:
-        check_finite(torch.tensor(final["loss"]), step, "train-memory")
+        check_finite(torch.tensor(final["loss"]), loop.step, "train-memory")
     return {
-        "step": step,
-        "train_seconds": train_seconds,
-        "keys_seen": keys_seen,
+        "step": loop.step,
+        "train_seconds": loop.train_seconds,
+        "keys_seen": loop.keys_seen,
         "valid": final,
-        "valid_history": history,
+        "valid_history": loop.valid_history,
     }
 
 
