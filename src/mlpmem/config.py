@@ -36,6 +36,11 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
     run_dir: Path = setting(Path("runs/default"), "run directory; one sub-folder per stage", exclude=True)
+    threads: int | None = setting(
+        None,
+        "CPU threads for torch and FAISS; default: the cores this process may use (recorded in the manifest)",
+        ge=1,
+    )
 
     @classmethod
     def identity_fields(cls) -> set[str]:
@@ -260,7 +265,6 @@ class BenchConfig(StageConfig):
     optimisations: list[Literal["bf16", "int8", "compile"]] = Field(
         ["bf16", "int8", "compile"], description="memory speed-ups to time against the eager float32 memory"
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch and FAISS; default: their own")
     keep_indexes: bool = Field(
         False, description="keep the synthetic indexes under OUT_DIR/work (else deleted after timing)"
     )

@@ -406,13 +406,8 @@ def summarise(fixed: FixedSystems, knn_rows: list[dict], variants: list[dict], b
 # the command ----------------------------------------------------------------------------------------------------
 def bench(config: BenchConfig) -> dict[str, Any]:
     """Run every timing; returns the bench.json dict (also written to OUT_DIR, with bench.png)."""
-    import faiss
-
     config = with_quick(config)
     started = time.time()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-        faiss.omp_set_num_threads(config.threads)
     s = setup(config)
     out_dir = output_dir(config)
     work = out_dir / "work"

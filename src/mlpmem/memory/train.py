@@ -12,6 +12,7 @@ global batch). The final memory is saved with save_pretrained to RUN/train-memor
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -36,7 +37,18 @@ from mlpmem.manifests import DatastoreManifest, TargetsManifest, TrainMemoryMani
 from mlpmem.memory.loss import memory_loss
 from mlpmem.memory.model import MLPMemory, MLPMemoryConfig
 from mlpmem.progress import progress
-from mlpmem.training import check_finite, check_weights_finite, checkpoint_due, make_optimizer, make_scheduler
+from mlpmem.training import (
+    MetricsLog,
+    StepWindow,
+    check_finite,
+    check_weights_finite,
+    checkpoint_due,
+    make_optimizer,
+    make_scheduler,
+    metrics_due,
+)
+
+log = logging.getLogger(__name__)
 
 
 # key sources -------------------------------------------------------------------------------------------------
@@ -339,14 +351,19 @@ def fit(
     valid_ids = np.arange(source.n_train, n_entries)
     valid_keys = source.keys_for(valid_ids, torch.device("cpu")) if len(valid_ids) else None  # [n_valid, d]
 
+    step = int(state["step"]) if state else 0
+    metrics = MetricsLog(build.dir, step, enabled=accelerator.is_main_process)
+
     def run_validation(at_step: int, history: list) -> dict[str, float] | None:
         if valid_keys is None:
             return None
         result = validate(memory, valid_keys, valid_ids, targets, config.alpha, config.batch_size, device, dtype)
         history.append({"step": at_step, **result})
+        metrics.write(at_step, {f"valid/{k}": v for k, v in result.items()})
+        if accelerator.is_main_process:
+            log.info("train-memory step %d: valid loss %.4f kl %.4f ce %.4f", at_step, *result.values())
         return result
 
-    step = int(state["step"]) if state else 0
     if state:
         scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
@@ -359,6 +376,7 @@ def fit(
     bar = progress(
         total=total_steps, initial=step, desc="train-memory", unit="step", disable=not accelerator.is_main_process
     )
+    window = StepWindow()
     while step < total_steps:
         t0 = time.perf_counter()
         units = units_for_step(step, per_step, source.n_units, config.seed)[rank::world]
@@ -369,19 +387,24 @@ def fit(
         check_finite(loss, step, "train-memory")
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(memory.parameters(), config.grad_clip)
+        lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        train_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
         keys_seen += len(ids) * world
+        window.add(seconds, len(ids) * world, loss=loss.item(), kl=kl.item(), ce=ce.item())
         bar.update(1)
         bar.set_postfix(
             loss=f"{loss.item():.3f}", kl=f"{kl.item():.3f}", keys_s=f"{keys_seen / train_seconds:,.0f}", refresh=False
         )
+        if metrics_due(step, config.eval_interval, total_steps):
+            metrics.write(step, window.line(lr, "keys_per_s"))
         if checkpoint_due(step, config.eval_interval, total_steps):
-            if step < total_steps and (result := run_validation(step, history)) is not None:
-                bar.write(f"step {step}: valid loss {result['loss']:.4f} kl {result['kl']:.4f} ce {result['ce']:.4f}")
+            if step < total_steps:
+                run_validation(step, history)
             if accelerator.is_main_process:
                 progress_state = {"train_seconds": train_seconds, "keys_seen": keys_seen, "valid_history": history}
                 save_checkpoint(
