@@ -74,6 +74,11 @@ class PrepareConfig(StageConfig):
     train_tokenizer: int | None = Field(
         None, ge=260, description="train a byte-level BPE with this vocabulary size instead"
     )
+    include: list[str] | None = Field(
+        None,
+        description="glob(s) selecting the files of a corpus directory, matched against the relative path or "
+        "the name (e.g. '*.py'); default: every file (binary and non-UTF-8 files are skipped with a warning)",
+    )
     valid_fraction: float = Field(0.05, gt=0, lt=0.5, description="share carved for valid when the source has no split")
     test_fraction: float = Field(0.05, gt=0, lt=0.5, description="share carved for test when the source has no split")
     text_column: str = Field("text", description="column holding the text in a Hugging Face dataset")
