@@ -214,3 +214,24 @@ def test_cli_prints_the_table_from_the_manifest(tiny_run, capsys):
     assert out[0] == "Perplexity (valid 599, test 599 tokens; λ and T tuned on valid):"
     assert out[2].split() == ["base", f"{base.valid_ppl:.2f}", f"{base.test_ppl:.2f}", "-", "-"]
     assert out[3] == f"results: {tiny_run / 'evaluate' / 'results.json'}"
+
+
+def test_a_hub_model_without_network_fails_at_once_with_one_line(tmp_path):
+    """No network (the hub's address refuses connections; an empty cache): HF offline mode, no retries, one line."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith(("HF_", "TRANSFORMERS"))
+    }
+    env |= {
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(tmp_path / "hf"),
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
+    argv = [sys.executable, "-m", "mlpmem", "evaluate", "--model", "gpt2", "--corpus", "wikitext-2-slice"]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "cannot load tokenizer 'gpt2': the Hugging Face hub cannot be reached (offline)" in out.stderr
+    assert "thrown while requesting" not in out.stderr  # no retry ran
