@@ -331,7 +331,7 @@ class RunDir:
             raise UsageError(
                 f"{path} is not a valid {stage} manifest ({reason}); rerun `mlpmem {stage}` or remove the folder"
             ) from None
-        if manifest.checksum != manifest.compute_checksum():
+        if manifest.checksum != fingerprint_obj({k: v for k, v in data.items() if k != "checksum"}):  # as written
             raise UsageError(
                 f"{path} was modified or damaged (its checksum does not match); "
                 f"rerun `mlpmem {stage}` or remove the folder"
