@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def metavar(annotation: Any) -> str:
         return "{" + ",".join(map(str, typing.get_args(annotation))) + "}"
     if origin is list:
         return metavar(typing.get_args(annotation)[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return "|".join(dict.fromkeys(metavar(a) for a in _args_of(annotation)))
     if origin is typing.Annotated:
         return metavar(typing.get_args(annotation)[0])
@@ -71,22 +72,23 @@ def metavar(annotation: Any) -> str:
 
 
 def parse_value(raw: str | list[str], annotation: Any) -> Any:
-    """A flag value read as YAML (several values: a list); text kept as given where the field takes text."""
+    """A flag value read as YAML (several values: a list; one value for a list-only field: a list of one); text
+    kept as given where the field takes text (``--include '*.py'``, ``--corpus 123``)."""
+    members = _args_of(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    list_type = next((m for m in (annotation, *members) if typing.get_origin(m) is list), None)
+    element = typing.get_args(list_type)[0] if list_type is not None else annotation
     if isinstance(raw, list):
         if len(raw) > 1:
-            return [
-                parse_value(r, typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else annotation)
-                for r in raw
-            ]
+            return [parse_value(r, element) for r in raw]
         raw = raw[0]
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
-        return raw
-    if isinstance(value, list) and accepts(annotation, list):
+        value = raw
+    if isinstance(value, list) and list_type is not None:
         return value
-    if typing.get_origin(annotation) is list and value is not None:
-        return [value]  # one value for a list-only field
+    if list_type is not None and str not in members and value is not None:
+        return [parse_value(raw, element)]  # one value for a field that takes only lists
     if accepts(annotation, str) and not isinstance(value, str | type(None)):
         return raw
     return value
