@@ -35,9 +35,20 @@ class LogLines(tqdm):
 
 
 class BarSafeHandler(logging.StreamHandler):
-    """Log lines written through tqdm, so they appear above a terminal's progress bar instead of through it."""
+    """On a terminal, log lines written through tqdm, so they appear above a progress bar instead of through it;
+    elsewhere plain lines (no carriage returns). Always the current ``sys.stderr`` (it may be replaced)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # logging.StreamHandler sets it; the current stderr is used instead
+        pass
 
     def emit(self, record: logging.LogRecord) -> None:
+        if not is_terminal(self.stream):
+            return super().emit(record)
         try:
             tqdm.write(self.format(record), file=self.stream)
         except Exception:  # noqa: BLE001 - logging must never raise
@@ -48,7 +59,7 @@ def configure_output(level: str = "info", quiet: bool = False) -> None:
     """Log level of every logger (lines on stderr, message only) and whether progress output is shown."""
     global _QUIET
     _QUIET = quiet
-    logging.basicConfig(level=level.upper(), format="%(message)s", handlers=[BarSafeHandler(sys.stderr)], force=True)
+    logging.basicConfig(level=level.upper(), format="%(message)s", handlers=[BarSafeHandler()], force=True)
     logging.getLogger("faiss.loader").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
