@@ -70,8 +70,9 @@ def test_tune_knn_chooses_temperature_and_lambda_together():
     lm = logs(0.25)
     knn = np.stack([logs(0.25), logs(0.75), logs(0.5)], axis=1)  # [1 position, 3 temperatures]
     t, lmbda, curve = tune_knn(lm, knn, [1.0, 5.0, 10.0], [0.25, 0.5])
-    assert (t, lmbda) == (1, 1.0)  # T = 5 (p 0.75 against the LM's 0.25): λ grows to 1
-    assert curve == pytest.approx({0.25: 1 / 0.375, 0.5: 1 / 0.5, 0.75: 1 / 0.625, 1.0: 1 / 0.75})
+    assert (t, lmbda) == (1, 0.99)  # T = 5 (p 0.75 against the LM's 0.25): λ grows to its top, 0.99 for kNN-LM
+    top = 0.25 * 0.01 + 0.75 * 0.99  # the LM keeps 1%: a token no neighbour holds stays possible
+    assert curve == pytest.approx({0.25: 1 / 0.375, 0.5: 1 / 0.5, 0.75: 1 / 0.625, 0.99: 1 / top})
     tied = np.stack([logs(0.75), logs(0.75)], axis=1)  # equal columns: the earlier T of the grid
     assert tune_knn(lm, tied, [10.0, 1.0], [0.5])[0] == 0
 
@@ -107,9 +108,9 @@ def test_summarise_tunes_on_valid_and_applies_to_test():
     assert tuned_on == "valid" and [s.name for s in systems] == ["base", "knn-lm", "mlp-memory", "mlp-memory+knn-lm"]
     base = by_name["base"]
     assert (base.valid_ppl, base.test_ppl) == (pytest.approx(5.0), pytest.approx(2.0))
-    knn = by_name["knn-lm"]  # valid: T = 2 (p 0.8), λ = 1; applied to test's T = 2 column (0.3)
-    assert (knn.temperature, knn.lmbda, knn.edges) == (2.0, 1.0, ["lambda", "T"])
-    assert knn.valid_ppl == pytest.approx(1 / 0.8) and knn.test_ppl == pytest.approx(1 / 0.3)
+    knn = by_name["knn-lm"]  # valid: T = 2 (p 0.8), λ = 0.99 (kNN-LM's top); applied to test's T = 2 column (0.3)
+    assert (knn.temperature, knn.lmbda, knn.edges) == (2.0, 0.99, ["lambda", "T"])
+    assert knn.valid_ppl == pytest.approx(1 / (0.002 + 0.792)) and knn.test_ppl == pytest.approx(1 / (0.005 + 0.297))
     mem = by_name["mlp-memory"]  # valid: λ = 1 -> 0.6; test: 0.1
     assert (mem.lmbda, mem.edges) == (1.0, ["lambda"])
     assert mem.valid_ppl == pytest.approx(1 / 0.6) and mem.test_ppl == pytest.approx(10.0)
@@ -119,7 +120,7 @@ def test_summarise_tunes_on_valid_and_applies_to_test():
     assert both.valid_ppl == pytest.approx(1 / 0.65) and both.test_ppl == pytest.approx(1 / 0.35)
     assert both.edges == ["lambda"]
     assert curves["mlp-memory"] == pytest.approx({0.25: 1 / 0.3, 0.5: 1 / 0.4, 0.75: 1 / 0.5, 1.0: 1 / 0.6})
-    assert curves["knn-lm"] == pytest.approx({0.25: 1 / 0.35, 0.5: 1 / 0.5, 0.75: 1 / 0.65, 1.0: 1 / 0.8})
+    assert curves["knn-lm"] == pytest.approx({0.25: 1 / 0.35, 0.5: 1 / 0.5, 0.75: 1 / 0.65, 0.99: 1 / 0.794})
 
 
 def test_tuning_on_test_is_refused_unless_asked_and_then_marked():

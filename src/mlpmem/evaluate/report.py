@@ -47,8 +47,8 @@ def notes(manifest: EvaluateManifest) -> list[str]:
         )
     if any(s.edges for s in manifest.systems):
         lines.append(
-            f"{EDGE_MARK} optimum on an edge of its search: λ at 0 or 1 (the grid was extended up to there), or T at "
-            "an end of --knn-temperatures (widen that grid)"
+            f"{EDGE_MARK} optimum on an edge of its search: λ at 0 or its top (1; 0.99 for kNN-LM), the grid "
+            "extended up to there, or T at an end of --knn-temperatures (widen that grid)"
         )
     return lines
 

@@ -1,8 +1,8 @@
 """Perplexity of mixtures from per-position gold log-probs, and λ / T grids tuned on valid.
 
 A λ grid is a start: while the best λ sits on an edge of the points searched, the search steps beyond that edge
-(by the grid's spacing there, within [0, 1]), so a reported optimum is interior unless it is 0 or 1 (``on_edge``
-tells). The T grid is searched as given (an edge T is flagged by the caller).
+(by the grid's spacing there, within [0, 1]; kNN-LM's below 1), so a reported optimum is interior unless it is
+0 or the top (``on_edge`` tells). The T grid is searched as given (an edge T is flagged by the caller).
 
 Ties (perplexities equal to 12 significant digits, so float rounding in the mixing cannot decide) go to the
 smaller weight on what is mixed into the LM, then to the earlier T of the grid: with nothing to gain, the LM is
@@ -21,6 +21,7 @@ import torch
 from mlpmem.inference.mixing import mix_log_probs
 
 MAX_EXTENSIONS = 20  # steps beyond a grid's edges, at most, per search
+KNN_TOP = 0.99  # kNN-LM's λ stays below 1: p_kNN is 0 for a token no neighbour holds, which the LM must keep possible
 
 
 def perplexity(log_probs: np.ndarray) -> float:
@@ -44,15 +45,15 @@ def _best(curve: dict) -> object:
     return min(curve, key=lambda x: (*rank(curve[x]), x))
 
 
-def beyond_edges(grid: Iterable[float], chosen: Iterable[float]) -> list[float]:
-    """New points one step beyond each edge of ``grid`` that a chosen weight sits on, within [0, 1]; the step is
-    the gap between the edge and its neighbour (0.1 for a one-point grid)."""
+def beyond_edges(grid: Iterable[float], chosen: Iterable[float], top: float = 1.0) -> list[float]:
+    """New points one step beyond each edge of ``grid`` that a chosen weight sits on, within [0, ``top``]; the
+    step is the gap between the edge and its neighbour (0.1 for a one-point grid)."""
     g = sorted(set(grid))
     low_step, high_step = (g[1] - g[0], g[-1] - g[-2]) if len(g) > 1 else (0.1, 0.1)
     new = []
     for x in chosen:
-        if x == g[-1] and x < 1:
-            new.append(min(1.0, round(x + high_step, 6)))
+        if x == g[-1] and x < top:
+            new.append(min(top, round(x + high_step, 6)))
         if x == g[0] and x > 0:
             new.append(max(0.0, round(x - low_step, 6)))
     return [x for x in dict.fromkeys(new) if x not in g]
@@ -64,15 +65,17 @@ def on_edge(grid: Iterable[float], x: float) -> bool:
     return x in (g[0], g[-1])
 
 
-def tune_lambda(lm: np.ndarray, other: np.ndarray, lmbdas: list[float]) -> tuple[float, dict[float, float]]:
-    """Best λ for λ·p_other + (1−λ)·p_LM, the grid extended beyond an edge optimum; the perplexity at every λ
-    searched."""
+def tune_lambda(
+    lm: np.ndarray, other: np.ndarray, lmbdas: list[float], top: float = 1.0
+) -> tuple[float, dict[float, float]]:
+    """Best λ for λ·p_other + (1−λ)·p_LM, the grid extended beyond an edge optimum (up to ``top``); the perplexity
+    at every λ searched."""
     curve: dict[float, float] = {}
     new = list(lmbdas)
     for _ in range(MAX_EXTENSIONS + 1):
         curve |= {lmbda: mixed_perplexity([lm, other], [1 - lmbda, lmbda]) for lmbda in new if lmbda not in curve}
         best = _best(curve)
-        new = beyond_edges(curve, [best])
+        new = beyond_edges(curve, [best], top)
         if not new:
             break
     return best, curve
@@ -81,10 +84,11 @@ def tune_lambda(lm: np.ndarray, other: np.ndarray, lmbdas: list[float]) -> tuple
 def tune_knn(
     lm: np.ndarray, knn: np.ndarray, temperatures: list[float], lmbdas: list[float]
 ) -> tuple[int, float, dict[float, float]]:
-    """Best (T, λ) for kNN-LM given log p_kNN(gold) [N, len(temperatures)]: (index of T, λ, the λ curve at that T)."""
+    """Best (T, λ) for kNN-LM given log p_kNN(gold) [N, len(temperatures)]: (index of T, λ, the λ curve at that T);
+    λ at most KNN_TOP."""
     best = None
     for t in range(len(temperatures)):
-        lmbda, curve = tune_lambda(lm, knn[:, t], lmbdas)
+        lmbda, curve = tune_lambda(lm, knn[:, t], lmbdas, top=KNN_TOP)
         key = (*rank(curve[lmbda]), lmbda, t)
         if best is None or key < best[0]:
             best = (key, t, lmbda, curve)
