@@ -26,7 +26,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/mlpmem run configs/demo.yaml
+	$(VENV)/bin/mlpmem run demo
+	@echo "the mlpmem command: $(VENV)/bin/mlpmem, or run 'source $(VENV)/bin/activate' first"
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks

@@ -79,8 +79,8 @@ def datastore_keys(lm: torch.nn.Module, tokens: np.ndarray, layer: str, window: 
     return np.concatenate(keys)
 
 
-def write_generation_run(run_dir: Path) -> Path:
-    """Complete prepare, train-lm (with tokenizer), datastore, index and train-memory stages."""
+def write_generation_run(run_dir: Path, datastore_split: str = "train") -> Path:
+    """Complete prepare, train-lm (with tokenizer), datastore (of ``datastore_split``), index and train-memory."""
     make_tiny_run(run_dir, n_train=800, n_eval=100)
     run = RunDir(run_dir)
     prep = run.require("prepare")
@@ -94,11 +94,11 @@ def write_generation_run(run_dir: Path) -> Path:
     tiny_tokenizer().save_pretrained(build.dir / "model")
     lm_manifest = build.complete(model_fingerprint=model_fingerprint(build.dir / "model"))
 
-    tokens = np.asarray(run.array("prepare", "train"), dtype=np.int64)
+    tokens = np.asarray(run.array("prepare", datastore_split), dtype=np.int64)
     keys = datastore_keys(lm, tokens, KNN_LAYER)
     build = run.begin(
         "datastore",
-        DatastoreConfig(context=64, stride=64, key_layer=KNN_LAYER),
+        DatastoreConfig(split=datastore_split, context=64, stride=64, key_layer=KNN_LAYER),
         {"prepare": prep.fingerprint, "train-lm": lm_manifest.fingerprint},
     )
     for name, dtype, data in (("keys", "float16", keys), ("values", "int32", tokens[1:])):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlpmem.artifacts import RunDir, atomic_write_json, fingerprint_path, read_json
+from mlpmem.artifacts import RunDir, atomic_write_json, fingerprint_obj, fingerprint_path, read_json
 from mlpmem.config import DatastoreConfig, IndexConfig
 from mlpmem.errors import UsageError
 from mlpmem.summary import verify
@@ -62,6 +62,19 @@ def test_reuse_resume_and_fresh_builds_beside_the_finished_stage(run):
     assert run.require("datastore").config.stride is None  # the finished version is untouched while building
     assert run.begin("datastore", other, {}).status == "resume"
     assert run.begin("datastore", config, {"up": "changed"}).status == "fresh"  # other inputs: a new build
+
+
+def test_a_manifest_written_before_fields_were_added_is_read_and_reused(run):
+    """A manifest from an earlier version lacks fields added since (with defaults): its checksum covers what it
+    holds, so it is neither refused as edited nor rebuilt."""
+    path = run.folder("datastore") / "manifest.json"
+    data = read_json(path)
+    del data["environment"]["threads"], data["config"]["threads"]  # as an earlier version wrote it
+    data["checksum"] = fingerprint_obj({k: v for k, v in data.items() if k != "checksum"})
+    path.write_text(json.dumps(data))
+    manifest = run.require("datastore")
+    assert manifest.environment.threads is None and manifest.config.threads is None
+    assert run.begin("datastore", DatastoreConfig(threads=2), {}).status == "complete"
 
 
 def test_a_failed_rebuild_keeps_the_finished_stage_and_a_successful_one_replaces_it(run):

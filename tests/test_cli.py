@@ -1,12 +1,19 @@
 """The CLI contract: help lists every command, configs validate, user mistakes are one line + exit 2."""
 
+import os
 from pathlib import Path
 
+import faiss
 import pytest
+import torch
 import yaml
 
+import mlpmem
+from mlpmem.artifacts import RunDir
 from mlpmem.cli import build_parser, main
 from mlpmem.config import load_yaml, to_yaml, validate
+from mlpmem.devices import set_threads
+from mlpmem.presets import preset_names, preset_path, resolve_pipeline
 from mlpmem.stages import STAGES, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,11 +47,53 @@ def test_stage_help_lists_every_field_with_its_type(spec, capsys):
     assert callable(spec.function())
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_validate(path):
-    run = validate(RunConfig, load_yaml(path))
+@pytest.mark.parametrize("name", preset_names())
+def test_shipped_presets_validate(name):
+    run = validate(RunConfig, load_yaml(preset_path(name)))
     for stage in run.stages:
         run.stage_config(stage)
+
+
+def test_presets_ship_in_the_package_and_resolve_by_name_or_file(tmp_path, monkeypatch, capsys):
+    assert {"demo", "wt2"} <= set(preset_names())
+    assert preset_path("demo").parent == Path(mlpmem.__file__).parent / "presets"
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    assert resolve_pipeline("demo") == resolve_pipeline("demo.yaml") == preset_path("demo")
+    (tmp_path / "demo").mkdir()  # an existing path wins over a preset of the same name
+    assert resolve_pipeline("demo") == Path("demo")
+    (tmp_path / "mine.yaml").write_text("run_dir: r\n")
+    assert resolve_pipeline("mine.yaml") == Path("mine.yaml")
+    code, _, err = run_cli(capsys, "run", "nosuch", "--stages", "prepare")
+    assert code == 2 and "no pipeline file or preset named 'nosuch' (presets: demo" in err and err.count("\n") == 1
+
+
+def test_a_stage_says_it_was_built_or_reused_and_quiet_silences_it(tmp_path, capsys):
+    argv = ["prepare", "--run-dir", str(tmp_path / "r"), "--train-tokenizer", "300", "--threads", "1"]
+    before = torch.get_num_threads()
+    try:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 0 and err.count("prepare: done in") == 1 and "tokenize train" in err
+        assert torch.get_num_threads() == 1  # --threads reached torch (and FAISS) before the stage ran
+        assert RunDir(tmp_path / "r").read("prepare").environment.threads == 1  # and the manifest records it
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 0 and err.count("prepare: reused") == 1
+        code, _, err = run_cli(capsys, "-q", *argv)
+        assert code == 0 and err == ""
+        code, _, err = run_cli(capsys, *argv, "--log-level", "warning")
+        assert code == 0 and err == ""
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_default_to_the_cores_this_process_may_use():
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(None) == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+        assert set_threads(1) == 1 == torch.get_num_threads() == faiss.omp_get_max_threads()
+    finally:
+        torch.set_num_threads(before)
+    for spec in STAGES:  # every command takes --threads, and it never changes what a stage builds
+        assert "threads" in spec.config.model_fields and "threads" not in spec.config.identity_fields()
 
 
 @pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.name)
@@ -96,7 +145,7 @@ def test_run_overrides_reach_the_stage_config(tmp_path):
     from mlpmem.cli import apply_overrides
 
     data = apply_overrides(
-        load_yaml(ROOT / "configs" / "demo.yaml"),
+        load_yaml(preset_path("demo")),
         ["--train-lm.max-steps", "7", "--stages", "prepare", "train-lm", "--evaluate.lmbdas", "0.8", "0.9"],
     )
     run = validate(RunConfig, data)
@@ -108,7 +157,7 @@ def test_a_typo_for_a_stage_not_run_is_still_refused(tmp_path, capsys):
     code, _, err = run_cli(
         capsys,
         "run",
-        str(ROOT / "configs" / "demo.yaml"),
+        "demo",
         "--run_dir",
         str(tmp_path / "r"),
         "--train_lm.bogus_key",

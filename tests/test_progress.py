@@ -24,3 +24,25 @@ def test_progress_picks_log_lines_when_not_a_terminal(capsys):
     bar = progress(total=3, desc="x")  # pytest's captured stderr is not a terminal
     assert isinstance(bar, LogLines)
     bar.close()
+
+
+def test_log_lines_beside_a_progress_bar_have_no_carriage_returns(capsys):
+    import logging
+
+    from mlpmem.progress import configure_output
+
+    configure_output("info")
+    bar = progress(total=3, desc="x", mininterval=0, miniters=1)
+    bar.update(1)
+    logging.getLogger("mlpmem.test").info("step 1: valid loss 2.0")
+    bar.update(2)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and "step 1: valid loss 2.0\n" in err
+    configure_output("warning", quiet=True)
+    bar = progress(total=3, desc="quiet")
+    bar.update(3)
+    bar.close()
+    logging.getLogger("mlpmem.test").info("hidden")
+    assert capsys.readouterr().err == ""
+    configure_output()

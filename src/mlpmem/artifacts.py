@@ -37,6 +37,7 @@ from mlpmem.errors import UsageError
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
+METRICS = "metrics.jsonl"  # a training stage's log: not content (its timings differ from run to run)
 PARTIAL = ".partial"
 LOCK = ".lock"
 _UMASK = os.umask(0)
@@ -125,13 +126,13 @@ def file_sha256(path: Path) -> str:
 
 
 def content_files(folder: Path) -> list[Path]:
-    """The files that define a folder's content: hidden files, progress and checkpoints/ are skipped."""
+    """The files that define a folder's content: hidden files, progress, metrics and checkpoints/ are skipped."""
     folder = Path(folder)
     return [
         p
         for p in sorted(folder.rglob("*"))
         if p.is_file()
-        and p.name not in (MANIFEST, PROGRESS)
+        and p.name not in (MANIFEST, PROGRESS, METRICS)
         and not any(part.startswith(".") or part == "checkpoints" for part in p.relative_to(folder).parts)
     ]
 
@@ -161,13 +162,14 @@ def git_commit() -> str | None:
 
 
 class Environment(BaseModel):
-    """What produced an artifact: package version and commit, Python and torch versions, platform."""
+    """What produced an artifact: package version and commit, Python and torch versions, platform, CPU threads."""
 
     mlpmem: str
     git_commit: str | None = None
     python: str
     torch: str
     platform: str
+    threads: int | None = None  # torch's CPU threads (the stage's --threads; FAISS uses as many)
 
     @classmethod
     def current(cls) -> Environment:
@@ -179,6 +181,7 @@ class Environment(BaseModel):
             python=platform.python_version(),
             torch=torch.__version__,
             platform=platform.platform(),
+            threads=torch.get_num_threads(),
         )
 
 
@@ -328,7 +331,7 @@ class RunDir:
             raise UsageError(
                 f"{path} is not a valid {stage} manifest ({reason}); rerun `mlpmem {stage}` or remove the folder"
             ) from None
-        if manifest.checksum != manifest.compute_checksum():
+        if manifest.checksum != fingerprint_obj({k: v for k, v in data.items() if k != "checksum"}):  # as written
             raise UsageError(
                 f"{path} was modified or damaged (its checksum does not match); "
                 f"rerun `mlpmem {stage}` or remove the folder"

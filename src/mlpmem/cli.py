@@ -2,7 +2,8 @@
 
     mlpmem prepare --corpus wikitext-2-slice --train-tokenizer 4096 --run-dir runs/demo
     mlpmem train-lm --config my.yaml --max-steps 500
-    mlpmem run configs/demo.yaml --train_lm.max_steps 50 --stages prepare,train-lm
+    mlpmem run demo --train_lm.max_steps 50 --stages prepare,train-lm
+    mlpmem -q evaluate --run-dir runs/demo --threads 1
     mlpmem verify runs/demo
 
 Thin: parse -> typed config -> call the stage function -> print its report. Flags are the config fields
@@ -13,9 +14,12 @@ Thin: parse -> typed config -> call the stage function -> print its report. Flag
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import time
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -25,9 +29,12 @@ import yaml
 from mlpmem import __version__
 from mlpmem.config import StageConfig, load_yaml, validate
 from mlpmem.errors import UsageError
+from mlpmem.presets import preset_names, resolve_pipeline
+from mlpmem.progress import LOG_LEVELS, configure_output
 from mlpmem.stages import BUILD_STAGES, STAGES, RunConfig, stage_spec
 
 RUNS_ROOT = Path("runs")
+log = logging.getLogger("mlpmem")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -57,7 +64,7 @@ def metavar(annotation: Any) -> str:
         return "{" + ",".join(map(str, typing.get_args(annotation))) + "}"
     if origin is list:
         return metavar(typing.get_args(annotation)[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return "|".join(dict.fromkeys(metavar(a) for a in _args_of(annotation)))
     if origin is typing.Annotated:
         return metavar(typing.get_args(annotation)[0])
@@ -65,22 +72,23 @@ def metavar(annotation: Any) -> str:
 
 
 def parse_value(raw: str | list[str], annotation: Any) -> Any:
-    """A flag value read as YAML (several values: a list); text kept as given where the field takes text."""
+    """A flag value read as YAML (several values: a list; one value for a list-only field: a list of one); text
+    kept as given where the field takes text (``--include '*.py'``, ``--corpus 123``)."""
+    members = _args_of(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    list_type = next((m for m in (annotation, *members) if typing.get_origin(m) is list), None)
+    element = typing.get_args(list_type)[0] if list_type is not None else annotation
     if isinstance(raw, list):
         if len(raw) > 1:
-            return [
-                parse_value(r, typing.get_args(annotation)[0] if typing.get_origin(annotation) is list else annotation)
-                for r in raw
-            ]
+            return [parse_value(r, element) for r in raw]
         raw = raw[0]
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
-        return raw
-    if isinstance(value, list) and accepts(annotation, list):
+        value = raw
+    if isinstance(value, list) and list_type is not None:
         return value
-    if typing.get_origin(annotation) is list and value is not None:
-        return [value]  # one value for a list-only field
+    if list_type is not None and str not in members and value is not None:
+        return [parse_value(raw, element)]  # one value for a field that takes only lists
     if accepts(annotation, str) and not isinstance(value, str | type(None)):
         return raw
     return value
@@ -153,26 +161,42 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def run_pipeline(config_path: Path, overrides: list[str]) -> None:
-    """Run the stages a config lists, in order; complete stages with unchanged inputs are reused."""
+def run_pipeline(pipeline: str, overrides: list[str]) -> None:
+    """Run the stages a pipeline (a YAML file or a preset name) lists, in order; complete stages with unchanged
+    inputs are reused."""
     from mlpmem.summary import print_run_summary
 
-    data = apply_overrides(load_yaml(config_path), overrides)
+    data = apply_overrides(load_yaml(resolve_pipeline(pipeline)), overrides)
     run = validate(RunConfig, data)
     configs = run.stage_configs()  # every section, before any work
     times, reused = {}, set()
-    with lock_run(run.run_dir, f"mlpmem run {config_path}"):
+    with lock_run(run.run_dir, f"mlpmem run {pipeline}"):
         for stage in run.stages:
-            print(f"== {stage}", file=sys.stderr, flush=True)
+            log.info("== %s", stage)
             t0 = time.time()
-            manifest = stage_spec(stage).function()(configs[stage])
+            _, was_reused = call_stage(stage, configs[stage])
             times[stage] = time.time() - t0
-            if manifest_reused(manifest, t0):
+            if was_reused:
                 reused.add(stage)
-                print(f"{stage}: reused (complete, same config and inputs)", file=sys.stderr)
-            else:
-                print(f"{stage}: done in {times[stage]:.1f}s", file=sys.stderr)
     print_run_summary(run.run_dir, times, reused)
+
+
+def call_stage(stage: str, config: StageConfig) -> tuple[Any, bool]:
+    """Run one stage or action with its CPU threads set: (its result, whether a complete stage was reused).
+
+    A stage says in one line that it was built or reused."""
+    from mlpmem.devices import set_threads  # torch: imported when a command runs, not for --help
+
+    spec = stage_spec(stage)
+    set_threads(config.threads)
+    t0 = time.time()
+    result = spec.function()(config)
+    reused = spec.builds and manifest_reused(result, t0)
+    if reused:
+        log.info("%s: reused (complete, same config and inputs): %s", stage, Path(config.run_dir) / stage)
+    elif spec.builds:
+        log.info("%s: done in %.1fs: %s", stage, time.time() - t0, Path(config.run_dir) / stage)
+    return result, reused
 
 
 def manifest_reused(manifest: Any, started: float) -> bool:
@@ -183,8 +207,6 @@ def manifest_reused(manifest: Any, started: float) -> bool:
 # locking, default run directories ----------------------------------------------------------------------------
 def lock_run(run_dir: Path, command: str):
     """The run directory's lock, taken by the main process only (other ranks of a launch work under it)."""
-    import contextlib
-
     from mlpmem.artifacts import RunDir
 
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
@@ -207,36 +229,61 @@ def default_run_dir(config: StageConfig, command: str) -> StageConfig:
         raise UsageError(
             f"no run found under {RUNS_ROOT}/; pass --run-dir RUN (e.g. runs/demo after `make demo`)", field=None
         )
-    print(f"{command}: using {recent} (the most recent run; pass --run-dir to choose)", file=sys.stderr)
+    log.info("%s: using %s (the most recent run; pass --run-dir to choose)", command, recent)
     return config.model_copy(update={"run_dir": recent})
 
 
 # the parser --------------------------------------------------------------------------------------------------
+def add_output_flags(parser: argparse.ArgumentParser, top: bool) -> None:
+    """-q / --log-level, accepted before the command (``mlpmem -q run demo``) and after it."""
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="no progress output; log warnings and errors only (unless --log-level says otherwise)",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default=None if top else argparse.SUPPRESS,
+        help="log level of mlpmem and its libraries (default: info, or warning with --quiet)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="mlpmem", description="Retriever-pretrained MLP memory for causal LMs.")
     parser.add_argument("-V", "--version", action="version", version=f"mlpmem {__version__}")
+    add_output_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
+    presets = ", ".join(preset_names())
     run = sub.add_parser(
         "run",
-        help="run the stages listed in a pipeline YAML (configs/demo.yaml)",
-        description="Run the stages a pipeline YAML lists, in order, reusing complete ones. Overrides: "
+        help=f"run the stages a pipeline YAML or preset lists ({presets})",
+        description="Run the stages a pipeline lists, in order, reusing complete ones. Overrides: "
         "--SECTION.KEY VALUE for any stage field (sections: "
         + ", ".join(stage_spec(s).section for s in BUILD_STAGES)
         + "), e.g. --train_lm.max_steps 50; --stages prepare,train-lm (or space-separated) runs a subset.",
     )
-    run.add_argument("config_path", type=Path, help="pipeline YAML: run_dir, stages and one section per stage")
+    run.add_argument(
+        "pipeline", metavar="PIPELINE", help=f"a pipeline YAML file, or the name of a shipped preset ({presets})"
+    )
+    add_output_flags(run, top=False)
     verify = sub.add_parser("verify", help="check a run's manifests, file sizes and content hashes, and staleness")
     verify.add_argument("run_path", type=Path, help="run directory")
+    add_output_flags(verify, top=False)
     for spec in STAGES:
         p = sub.add_parser(spec.name, help=spec.help, description=spec.help)
         p.add_argument("--config", help="YAML file with this stage's fields; flags override it")
         add_config_flags(p, spec.config)
+        add_output_flags(p, top=False)
     return parser
 
 
 def execute(args: argparse.Namespace, rest: list[str]) -> int:
     if args.command == "run":
-        run_pipeline(args.config_path, rest)
+        run_pipeline(args.pipeline, rest)
         return 0
     if args.command == "verify":
         from mlpmem.summary import verify
@@ -248,11 +295,9 @@ def execute(args: argparse.Namespace, rest: list[str]) -> int:
     config = stage_config(args.command, args)
     if not spec.builds:
         config = default_run_dir(config, args.command)
-    if spec.builds or args.command == "bench":
-        with lock_run(config.run_dir, f"mlpmem {args.command}"):
-            result = spec.function()(config)
-    else:
-        result = spec.function()(config)
+    lock = lock_run(config.run_dir, f"mlpmem {args.command}") if spec.builds or args.command == "bench" else None
+    with lock or contextlib.nullcontext():
+        result, _ = call_stage(args.command, config)
     if spec.reporter() is not None:
         spec.reporter()(result, config)
     return 0
@@ -261,10 +306,10 @@ def execute(args: argparse.Namespace, rest: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] == "run":
-        args, rest = parser.parse_known_args(argv)
-    else:
-        args, rest = parser.parse_args(argv), []
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "run":  # only `run` takes --section.key overrides
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    configure_output(args.log_level or ("warning" if args.quiet else "info"), quiet=args.quiet)
     quiet_libraries()
     try:
         return execute(args, rest)
@@ -274,18 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mlpmem: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (`mlpmem ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def quiet_libraries() -> None:
-    """Keep library chatter (weights-loading reports, hub warnings) off the user's terminal."""
-    import logging
-
+    """Keep library chatter (weights-loading reports, hub warnings, hub progress bars) off the user's terminal."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

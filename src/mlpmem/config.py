@@ -36,6 +36,11 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
     run_dir: Path = setting(Path("runs/default"), "run directory; one sub-folder per stage", exclude=True)
+    threads: int | None = setting(
+        None,
+        "CPU threads for torch and FAISS; default: the cores this process may use (recorded in the manifest)",
+        ge=1,
+    )
 
     @classmethod
     def identity_fields(cls) -> set[str]:
@@ -68,6 +73,11 @@ class PrepareConfig(StageConfig):
     tokenizer: str | None = Field(None, description="tokenizer of the base model (HF id or path)")
     train_tokenizer: int | None = Field(
         None, ge=260, description="train a byte-level BPE with this vocabulary size instead"
+    )
+    include: list[str] | None = Field(
+        None,
+        description="glob(s) selecting the files of a corpus directory, matched against the relative path or "
+        "the name (e.g. '*.py'); default: every file (binary and non-UTF-8 files are skipped with a warning)",
     )
     valid_fraction: float = Field(0.05, gt=0, lt=0.5, description="share carved for valid when the source has no split")
     test_fraction: float = Field(0.05, gt=0, lt=0.5, description="share carved for test when the source has no split")
@@ -110,6 +120,14 @@ class EvaluateConfig(StageConfig):
     model: str | None = Field(None, description="HF id or path of the LM; default: the run's trained LM")
     corpus: str | None = Field(None, description="corpus to evaluate on instead of the run's prepared splits")
     splits: list[Literal["valid", "test"]] = Field(["valid", "test"], description="splits to score")
+    tune_on: Literal["valid", "test"] = Field(
+        "valid", description="split λ and T are tuned on; 'test' only when asked (its numbers are then not held out)"
+    )
+    allow_overlap: bool = setting(
+        False,
+        "score kNN-LM and the memory on the split their datastore was built from (marked in the table); "
+        "default: refused",
+    )
     context: int | None = Field(None, ge=2, description="window length in tokens; default: the model's positions")
     stride: int | None = Field(None, ge=1, description="new tokens scored per window; default: context // 2")
     batch_size: int = setting(8, "windows per forward pass", ge=1)
@@ -120,10 +138,12 @@ class EvaluateConfig(StageConfig):
     nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
     rerank: bool = Field(False, description="re-rank IVF-PQ neighbours with exact distances from stored keys")
     knn_temperatures: list[Temperature] = Field(
-        [1.0, 2.0, 5.0, 10.0, 20.0, 50.0], min_length=1, description="T grid tuned on valid"
+        [1.0, 2.0, 5.0, 10.0, 20.0, 50.0], min_length=1, description="T grid tuned on valid (an edge T is flagged)"
     )
     lmbdas: list[Weight] = Field(
-        [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], min_length=1, description="λ grid tuned on valid"
+        [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+        min_length=1,
+        description="λ grid tuned on valid, extended beyond an edge optimum up to 0 or 1",
     )
     device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
 
@@ -260,7 +280,6 @@ class BenchConfig(StageConfig):
     optimisations: list[Literal["bf16", "int8", "compile"]] = Field(
         ["bf16", "int8", "compile"], description="memory speed-ups to time against the eager float32 memory"
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch and FAISS; default: their own")
     keep_indexes: bool = Field(
         False, description="keep the synthetic indexes under OUT_DIR/work (else deleted after timing)"
     )

@@ -149,6 +149,7 @@ class SystemResult(BaseModel):
     lmbda: float | None = None  # total weight of what is mixed into the LM
     weights: dict[str, float] | None = None  # per component, for combined systems
     temperature: float | None = None
+    edges: list[str] = Field(default_factory=list)  # tuned values on an edge of their search: "lambda", "T"
 
 
 class EvaluateManifest(Manifest):
@@ -160,6 +161,7 @@ class EvaluateManifest(Manifest):
     stride: int | None = None
     tokens: dict[str, int] = Field(default_factory=dict)
     tuned_on: str | None = None
+    overlap: str | None = None  # an evaluated split the datastore (and the memory) were built from (--allow-overlap)
     systems: list[SystemResult] = Field(default_factory=list)
     lambda_curves: dict[str, dict[str, float]] = Field(default_factory=dict)
 

@@ -45,6 +45,61 @@ def test_directory_with_split_files(tmp_path):
     assert corpus.splits == {"train": "train text\n", "valid": "valid text\n", "test": "test text\n"}
 
 
+def write_source_tree(root):
+    """A small code corpus: 30 Python files of different sizes in nested folders, plus files to leave out."""
+    texts = {}
+    for i in range(30):
+        name = f"pkg{i % 3}/sub/mod_{i:02d}.py"
+        texts[name] = "".join(f"def f_{i}_{j}(x):\n    return x + {j}\n" for j in range(5 + 7 * (i % 5)))
+    for name, text in texts.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    (root / "pkg0" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
+    (root / "pkg1" / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))  # not UTF-8
+    (root / "README.md").write_text("# not code\n", encoding="utf-8")
+    (root / ".git").mkdir()
+    (root / ".git" / "index").write_bytes(b"\x00\x01")
+    return texts
+
+
+def test_directory_is_carved_by_whole_files_selected_by_glob(tmp_path, caplog):
+    texts = write_source_tree(tmp_path)
+    with caplog.at_level("WARNING"):
+        corpus = load_corpus(str(tmp_path), valid_fraction=0.1, test_fraction=0.1, include=["*.py"])
+    assert "skipped 1 of 31 files" in caplog.text and "pkg1/latin1.py" in caplog.text  # counted, not fatal
+    owner = {}
+    for split, text in corpus.splits.items():  # every split is whole files, each file in exactly one split
+        names = [n for n in sorted(texts) if texts[n] in text]
+        assert "".join(texts[n] for n in names) == text, split
+        owner.update({n: split for n in names})
+    assert sorted(owner) == sorted(texts) and "# not code" not in "".join(corpus.splits.values())
+    total = sum(map(len, texts.values()))
+    for split in ("valid", "test"):
+        assert 0 < len(corpus.splits[split]) <= 0.1 * total
+    again = load_corpus(str(tmp_path), valid_fraction=0.1, test_fraction=0.1, include=["pkg*/sub/*.py"])
+    assert again.splits == corpus.splits  # deterministic; globs match the relative path too
+
+
+def test_directory_without_text_or_matching_files_is_one_line(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(UsageError, match="none of its 1 files is UTF-8 text"):
+        load_corpus(str(tmp_path))
+    with pytest.raises(UsageError, match=r"holds no files matching \*\.py") as err:
+        load_corpus(str(tmp_path), include=["*.py"])
+    assert err.value.field == "include"
+
+
+def test_prepare_takes_include_from_the_cli(tmp_path, capsys):
+    from mlpmem.cli import main
+
+    write_source_tree(tmp_path / "src")
+    argv = ["prepare", "--corpus", str(tmp_path / "src"), "--include", "*.py", "*.md", "--train-tokenizer", "300"]
+    assert main([*argv, "--run-dir", str(tmp_path / "run")]) == 0
+    manifest = RunDir(tmp_path / "run").read("prepare")
+    assert manifest.config.include == ["*.py", "*.md"] and "carved by file" in manifest.source
+    assert "skipped 1 of 32 files" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "content,message",
     [(None, "corpus not found"), (b"", "empty"), (b"ok\n\xff\xfe bad\nmore\n", "not UTF-8")],

@@ -25,6 +25,7 @@ from gen_inputs import (  # noqa: F401
     generation_run,
     generation_run_template,
     tiny_memory,
+    write_generation_run,
     write_memory,
 )
 
@@ -80,7 +81,7 @@ def test_evaluate_stage_records_results_for_the_base_lm(tiny_run):
     base = manifest.system("base")
     assert [s.name for s in manifest.systems] == ["base"] and base.valid_ppl > 1 and base.test_ppl > 1
     assert manifest.tokens == {"valid": 599, "test": 599} == saved["tokens"]
-    assert (manifest.context, manifest.stride, manifest.tuned_on) == (32, 16, "valid")
+    assert (manifest.context, manifest.stride, manifest.tuned_on) == (32, 16, None)  # nothing to tune
     again = evaluate(EvaluateConfig(run_dir=tiny_run, knn=False, memory=False, context=32, stride=16, batch_size=3))
     assert again.timings == manifest.timings  # device and batch size do not define the stage: reused
 
@@ -211,6 +212,52 @@ def test_cli_prints_the_table_from_the_manifest(tiny_run, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
     base = RunDir(tiny_run).require("evaluate").system("base")
-    assert out[0] == "Perplexity (valid 599, test 599 tokens; λ and T tuned on valid):"
+    assert out[0] == "Perplexity (valid 599, test 599 tokens):"  # the base LM alone: nothing tuned
     assert out[2].split() == ["base", f"{base.valid_ppl:.2f}", f"{base.test_ppl:.2f}", "-", "-"]
     assert out[3] == f"results: {tiny_run / 'evaluate' / 'results.json'}"
+
+
+def test_a_hub_model_without_network_fails_at_once_with_one_line(tmp_path):
+    """No network (the hub's address refuses connections; an empty cache): HF offline mode, no retries, one line."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith(("HF_", "TRANSFORMERS"))
+    }
+    env |= {
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(tmp_path / "hf"),
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
+    argv = [sys.executable, "-m", "mlpmem", "evaluate", "--model", "gpt2", "--corpus", "wikitext-2-slice"]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "cannot load tokenizer 'gpt2': the Hugging Face hub cannot be reached (offline)" in out.stderr
+    assert "thrown while requesting" not in out.stderr  # no retry ran
+
+
+def test_a_datastore_of_the_evaluated_split_is_refused_unless_allowed_and_then_marked(tmp_path, capsys):
+    run = write_generation_run(tmp_path / "run", datastore_split="valid")  # memory and kNN-LM built from valid
+    args = ["evaluate", "--run-dir", str(run), "--k", "16", "--context", "32", "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(
+            "mlpmem: error: --splits: the datastore (and the memory trained on it) was built from the "
+            "valid split being evaluated"
+        )
+        and "--allow-overlap" in err
+        and err.count("\n") == 1
+    )
+    assert_untouched(run)
+    assert main([*args, "--allow-overlap"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    manifest = RunDir(run).require("evaluate")
+    assert manifest.overlap == "valid"
+    rows = {line.split()[0]: line for line in out[1:5]}
+    knn_valid = f"{manifest.system('knn-lm').valid_ppl:.2f}!"
+    assert knn_valid in rows["knn-lm"].split() and "!" not in rows["base"]  # the overlapping split is marked
+    assert f"{manifest.system('knn-lm').test_ppl:.2f}" in rows["knn-lm"].split()  # test is not
+    assert any(line.startswith("! scored on valid, the split the datastore and memory were built from") for line in out)

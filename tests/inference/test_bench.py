@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from mlpmem.bench.report import format_table, ms_text
 from mlpmem.bench.synthetic import build_synthetic_index, datastore_bytes, ivfpq_geometry
+from mlpmem.bench.timing import Spread, added_ms
 from mlpmem.cli import main
 
 from gen_inputs import KNN_LAYER, MEMORY_LAYER, generation_run, generation_run_template  # noqa: F401
@@ -91,6 +93,46 @@ def test_bench_quick_writes_json_plot_and_table(generation_run, tmp_path, capsys
     )
     own = next(r for r in rows if r["system"] == "knn-lm" and not r["synthetic"])
     assert own["k"] == 64 and own["index"] == "Flat"
+    for row in rows:  # the spread over rounds travels with every decode timing
+        low, median, high = row["ms_spread"]
+        assert low <= median == row["ms_per_token"] <= high and isinstance(row["noisy"], bool)
+    added = [v.get("decode_ms_added") for v in report["memory_variants"]] + [overhead["step_difference_ms"]]
+    assert all(a is None or a > 0 for a in added)  # an added cost is never negative
+
+
+def test_spread_over_rounds_and_added_costs_that_are_never_negative():
+    steady, loaded = Spread.of([2.0, 2.1, 2.05]), Spread.of([2.0, 3.5, 2.2])
+    assert (loaded.min, loaded.median, loaded.max) == (2.0, 2.2, 3.5)
+    assert not steady.noisy and loaded.noisy  # 1.5 ms of spread on a 2.2 ms median
+    base = Spread.of([1.0, 1.02, 1.01])
+    assert added_ms(steady, base) == pytest.approx(1.04)
+    assert added_ms(base, steady) is None  # faster than its reference: not a negative cost
+    assert added_ms(Spread.of([1.0, 1.2, 1.1]), base) is None  # 0.09 ms inside 0.2 ms of spread: not measurable
+    rows = [
+        {
+            "system": "base",
+            "datastore_size": None,
+            "synthetic": False,
+            "ms_per_token": 1.0,
+            "ms_spread": [1, 1, 1],
+            "noisy": False,
+            "tokens_per_s": 100.0,
+            "bytes": 10,
+        },
+        {
+            "system": "mlp-memory",
+            "datastore_size": None,
+            "synthetic": False,
+            "ms_per_token": 2.2,
+            "ms_spread": [2.0, 2.2, 3.5],
+            "noisy": True,
+            "tokens_per_s": 50.0,
+            "bytes": 5,
+        },
+    ]
+    table = format_table(rows, 1.0, 100.0)
+    assert "2.00-3.50" in table and "~2.20" in table and "rerun when idle" in table
+    assert ms_text(None) == "<noise" and ms_text(0.25) == "0.250"
 
 
 def test_bench_refuses_prompt_and_new_tokens_beyond_positions_before_timing(generation_run, tmp_path, capsys):

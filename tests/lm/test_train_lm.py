@@ -14,7 +14,7 @@ from mlpmem.errors import UsageError
 from mlpmem.lm import train as train_module
 from mlpmem.lm.load import load_lm
 from mlpmem.lm.train import train_lm
-from mlpmem.training import checkpoint_due, lr_factor, make_optimizer, make_scheduler
+from mlpmem.training import MetricsLog, checkpoint_due, lr_factor, make_optimizer, make_scheduler
 
 TINY = dict(
     n_layer=1,
@@ -82,6 +82,26 @@ def test_killed_and_resumed_training_equals_uninterrupted(prepared, tmp_path, mo
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert manifest.history == RunDir(other).read("train-lm").history
+    assert metric_lines(prepared) == metric_lines(other)  # no step written twice, none lost
+
+
+def metric_lines(run_dir):
+    """metrics.jsonl without its timings: (step, every name, the losses and lr)."""
+    records = MetricsLog.read(run_dir / "train-lm" / "metrics.jsonl")
+    return [{k: v for k, v in r.items() if not k.endswith("_per_s")} | {"names": sorted(r)} for r in records]
+
+
+def test_metrics_file_has_training_and_validation_lines(prepared):
+    manifest = train_lm(TrainLMConfig(run_dir=prepared, **{**TINY, "max_steps": 12, "eval_interval": 4}))
+    records = MetricsLog.read(prepared / "train-lm" / "metrics.jsonl")
+    train = [r for r in records if "train/loss" in r]
+    valid = [r for r in records if "valid/loss" in r]
+    assert [r["step"] for r in train] == [4, 8, 10, 12]  # every 10 steps, every checkpoint, the last step
+    assert all(r["train/tokens_per_s"] > 0 and r["train/lr"] > 0 for r in train)
+    assert [(r["step"], r["valid/loss"]) for r in valid] == [
+        (h["step"], pytest.approx(h["valid_loss"], abs=1e-4)) for h in manifest.history
+    ]
+    assert "metrics.jsonl" not in manifest.files  # a log, not content: timings differ between identical runs
 
 
 def test_kill_after_the_final_checkpoint_resumes_at_the_end(prepared, tmp_path, monkeypatch):

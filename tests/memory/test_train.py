@@ -20,6 +20,7 @@ from mlpmem.memory import train as train_module
 from mlpmem.memory.loss import memory_loss
 from mlpmem.memory.model import MLPMemory, MLPMemoryConfig, check_pairing, load_memory
 from mlpmem.memory.train import OfflineKeys, OnlineKeys, Targets, recompute_keys, train_memory, units_for_step
+from mlpmem.training import MetricsLog
 
 from memory_inputs import CONTEXT, KEY_LAYER, STRIDE, datastore_keys, memory_run, memory_run_template  # noqa: F401
 
@@ -188,6 +189,13 @@ def test_killed_and_resumed_equals_uninterrupted(memory_run, tmp_path, monkeypat
     assert same_weights(other, memory_run)
     assert resumed.valid_history == reference.valid_history
     assert resumed.fingerprint == reference.fingerprint
+    assert metric_lines(memory_run) == metric_lines(other)  # no step written twice, none lost
+
+
+def metric_lines(run_dir):
+    """metrics.jsonl without its timings: (step, every name, the losses and lr)."""
+    records = MetricsLog.read(run_dir / "train-memory" / "metrics.jsonl")
+    return [{k: v for k, v in r.items() if not k.endswith("_per_s")} | {"names": sorted(r)} for r in records]
 
 
 def test_complete_stage_is_skipped(memory_run, monkeypatch):
@@ -270,6 +278,11 @@ def test_kill_after_the_final_save_resumes_at_the_end(memory_run, tmp_path, monk
     assert same_weights(other, memory_run)
     assert resumed.valid_history == reference.valid_history and resumed.fingerprint == reference.fingerprint
     assert not (memory_run / "train-memory" / "checkpoints").exists()
+    assert metric_lines(memory_run) == metric_lines(other)  # the final validation is not written twice
+    valid = [r for r in MetricsLog.read(memory_run / "train-memory" / "metrics.jsonl") if "valid/loss" in r]
+    assert [(r["step"], r["valid/kl"]) for r in valid] == [
+        (h["step"], pytest.approx(h["kl"], abs=1e-6)) for h in reference.valid_history
+    ]
 
 
 @pytest.mark.parametrize("bad", [{"lr": 1e3}, {"weight_decay": 1e10}])

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from mlpmem.bench.memory_speed import ConstantMemory
+from mlpmem.bench.timing import Spread, added_ms
 from mlpmem.inference.generation import MemoryAugmentedLM
 
 
@@ -47,13 +48,13 @@ NOTE = (
 )
 
 
-def mixing_overhead(timer: MixTimer, free_ms: float, base_ms: float, memory_ms: float) -> dict[str, Any]:
+def mixing_overhead(timer: MixTimer, free: Spread, base: Spread, memory_ms: float) -> dict[str, Any]:
     """bench.json's ``mixing_overhead``: median ms inside ``mix``, its share of a memory decode step, and the
-    decode step of the free memory minus base's."""
+    decode step of the free memory minus base's (None when not above the timing noise)."""
     in_hook_ms = float(np.median(timer.seconds) * 1e3)
     return {
         "in_hook_ms": round(in_hook_ms, 4),
         "share_of_memory_step": round(in_hook_ms / memory_ms, 4),
-        "step_difference_ms": round(free_ms - base_ms, 4),
+        "step_difference_ms": added_ms(free, base),
         "note": NOTE,
     }

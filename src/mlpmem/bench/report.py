@@ -32,22 +32,36 @@ def human_count(n: int | None) -> str:
 
 
 def format_table(results: list[dict], base_ms: float, base_tps: float) -> str:
-    """One row per system (and datastore size): ms/token, tokens/s, bytes, with ratios to base."""
-    head = f"{'system':<26} {'datastore':>10} {'ms/token':>9} {'x base':>7} {'tokens/s':>10} {'x base':>7} {'bytes':>9}"
+    """One row per system (and datastore size): ms/token (median, and min-max over rounds), tokens/s, bytes, with
+    ratios to base; a ratio whose timings spread too much is marked ``~``."""
+    head = (
+        f"{'system':<26} {'datastore':>10} {'ms/token':>9} {'min-max':>13} {'x base':>7} {'tokens/s':>10} "
+        f"{'x base':>7} {'bytes':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         size = human_count(r["datastore_size"]) + ("*" if r["synthetic"] else "") if r["datastore_size"] else "-"
         ms, tps = r["ms_per_token"], r["tokens_per_s"]
+        low, _, high = r.get("ms_spread") or (ms, ms, ms)
+        ratio = f"{'~' if r.get('noisy') else ''}{ms / base_ms:.2f}"
         lines.append(
-            f"{r['system']:<26} {size:>10} {ms:>9.2f} {ms / base_ms:>7.2f} "
+            f"{r['system']:<26} {size:>10} {ms:>9.2f} {f'{low:.2f}-{high:.2f}':>13} {ratio:>7} "
             f"{(f'{tps:,.0f}' if tps else '-'):>10} {(f'{tps / base_tps:.2f}' if tps else '-'):>7} "
             f"{human_bytes(r['bytes']):>9}"
         )
     lines.append(
         "* synthetic store (random keys of the real width). bytes: model weights for base and "
-        "decoder-equal-params; added weights for mlp-memory; datastore + index on disk for knn-lm"
+        "decoder-equal-params; added weights for mlp-memory; datastore + index on disk for knn-lm. "
+        "min-max: the rounds' medians"
     )
+    if any(r.get("noisy") for r in results):
+        lines.append("~ the rounds spread too much for this ratio to mean anything (machine load): rerun when idle")
     return "\n".join(lines)
+
+
+def ms_text(value: float | None) -> str:
+    """An added cost in ms, or '<noise' when it is not above the spread of the timings (never negative)."""
+    return "<noise" if value is None else f"{value:.3f}"
 
 
 def plot(results: list[dict], memory_bytes: int, path: Path) -> None:
@@ -102,7 +116,7 @@ def summary_lines(report: dict) -> str:
         f"decoder-equal-params {m['decoder_equal_params']:,} ({m['decoder_equal_layers']} layers)",
         "memory per-token ms (batch 1) alone, hot cache / added to a decode step: "
         + ", ".join(
-            f"{v['variant']} {v['ms_per_token']:.3f} / {v.get('decode_ms_added', float('nan')):.3f}"
+            f"{v['variant']} {v['ms_per_token']:.3f} / {ms_text(v.get('decode_ms_added'))}"
             + (f" (KL {v['mean_kl']})" if v.get("mean_kl") is not None and v["variant"] != "eager" else "")
             for v in report["memory_variants"]
             if v["ms_per_token"] is not None
@@ -113,7 +127,7 @@ def summary_lines(report: dict) -> str:
             f" (/ best memory: {s['decoder_equal_over_best_memory']}x)" if "decoder_equal_over_best_memory" in s else ""
         ),
         f"hooks + mixing: {mix['in_hook_ms']:.3f} ms = {100 * mix['share_of_memory_step']:.1f}% "
-        f"of a memory decode step (step difference with a free memory: {mix['step_difference_ms']:.3f} ms)",
+        f"of a memory decode step (step difference with a free memory: {ms_text(mix['step_difference_ms'])} ms)",
         "kNN-LM / memory decode: "
         + ", ".join(f"{k}: {v}x" for k, v in s["knn_over_memory"].items())
         + (
@@ -124,6 +138,8 @@ def summary_lines(report: dict) -> str:
         "storage (datastore + index) / memory: " + ", ".join(f"{k}: {v}x" for k, v in s["storage_over_memory"].items()),
         f"crossover: {s['crossover']['size'] or '-'} ({s['crossover']['note']})",
     ]
+    if s.get("noisy"):
+        lines.append(f"NOISY TIMINGS ({', '.join(s['noisy'])}): {s['noise_note']}")
     return "\n".join(lines)
 
 

@@ -45,7 +45,7 @@ from mlpmem.bench.memory_speed import parameter_bytes, time_variants
 from mlpmem.bench.overhead import free_memory_lm, mixing_overhead
 from mlpmem.bench.report import output_dir, plot
 from mlpmem.bench.synthetic import build_synthetic_index, datastore_bytes, index_file_bytes
-from mlpmem.bench.timing import interleaved_decode_ms, interleaved_scoring_tokens_per_s
+from mlpmem.bench.timing import NOISY, Spread, added_ms, interleaved_decode_ms, interleaved_scoring_tokens_per_s
 from mlpmem.config import BenchConfig
 from mlpmem.devices import resolve_device
 from mlpmem.errors import UsageError
@@ -226,7 +226,8 @@ def variant_bytes(module: nn.Module) -> int:
 class FixedSystems:
     """Timings of the systems whose cost does not depend on a datastore, by name."""
 
-    ms: dict[str, float]  # decode ms per token
+    ms: dict[str, float]  # decode ms per token (median over rounds)
+    spread: dict[str, Spread]  # decode ms per token: min / median / max over rounds
     tps: dict[str, float]  # scoring tokens per second
     bytes: dict[str, int]
     rows: list[dict]  # bench.json rows: base, mlp-memory, mlp-memory+VARIANT..., decoder-equal-params
@@ -252,7 +253,8 @@ def measure_fixed_systems(s: Setup, config: BenchConfig, faithful: list[dict]) -
     free = free_memory_lm(s.lm, config.lmbda, s.memory_layer)
     decode[FREE] = free.generate
     decode[DECODER], score[DECODER] = plain_generate(decoder), plain_score(decoder)
-    ms = interleaved_decode_ms(decode, s.prompt, config.new_tokens, config.repeats)
+    spread = interleaved_decode_ms(decode, s.prompt, config.new_tokens, config.repeats)
+    ms = {name: t.median for name, t in spread.items()}
     tps = interleaved_scoring_tokens_per_s(score, s.batch, config.repeats)
     decoder_params = sum(p.numel() for p in decoder.parameters())
     rows = []
@@ -262,23 +264,27 @@ def measure_fixed_systems(s: Setup, config: BenchConfig, faithful: list[dict]) -
             "datastore_size": None,
             "synthetic": False,
             "ms_per_token": round(ms[name], 4),
+            "ms_spread": spread[name].rounded(),
+            "noisy": spread[name].noisy or spread["base"].noisy,  # its ratio to base is unreliable
             "tokens_per_s": round(tps[name], 1),
             "bytes": sizes[name],
         }
         if name == DECODER:
             row.update(layers=decoder_layers, params=decoder_params)
         rows.append(row)
-    overhead = mixing_overhead(free, ms[FREE], ms["base"], ms["mlp-memory"])
-    return FixedSystems(ms, tps, sizes, rows, overhead, decoder_params, decoder_layers, mlm)
+    overhead = mixing_overhead(free, spread[FREE], spread["base"], ms["mlp-memory"])
+    return FixedSystems(ms, spread, tps, sizes, rows, overhead, decoder_params, decoder_layers, mlm)
 
 
-def best_variant(variants: list[dict], faithful: list[dict], ms: dict[str, float]) -> dict | None:
-    """Note each variant's decode ms added to base; the faithful one adding least, when it beats eager end to end."""
-    next(v for v in variants if v["variant"] == "eager")["decode_ms_added"] = round(ms["mlp-memory"] - ms["base"], 4)
+def best_variant(variants: list[dict], faithful: list[dict], fixed: FixedSystems) -> dict | None:
+    """Note each variant's decode ms added to base (None: not measurable above the noise); the faithful one with
+    the fastest step, when it beats eager end to end."""
+    eager = next(v for v in variants if v["variant"] == "eager")
+    eager["decode_ms_added"] = added_ms(fixed.spread["mlp-memory"], fixed.spread["base"])
     for v in faithful:
-        v["decode_ms_added"] = round(ms[f"mlp-memory+{v['variant']}"] - ms["base"], 4)
-    best = min(faithful, key=lambda v: v["decode_ms_added"], default=None)
-    return best if best and ms[f"mlp-memory+{best['variant']}"] < ms["mlp-memory"] else None
+        v["decode_ms_added"] = added_ms(fixed.spread[f"mlp-memory+{v['variant']}"], fixed.spread["base"])
+    best = min(faithful, key=lambda v: fixed.ms[f"mlp-memory+{v['variant']}"], default=None)
+    return best if best and fixed.ms[f"mlp-memory+{best['variant']}"] < fixed.ms["mlp-memory"] else None
 
 
 @dataclass
@@ -334,19 +340,22 @@ def measure_knn(
     )
     knn_tps = interleaved_scoring_tokens_per_s({"knn-lm": knn.joint_log_probs}, s.batch, config.repeats)["knn-lm"]
     best_ms = fixed.ms[f"mlp-memory+{best['variant']}"] if best else None
+    knn_ms, memory_ms = block["knn-lm"].median, block["mlp-memory"].median
     row = {
         "system": "knn-lm",
         "datastore_size": store.size,
         "synthetic": store.synthetic,
-        "ms_per_token": round(block["knn-lm"], 4),
+        "ms_per_token": round(knn_ms, 4),
+        "ms_spread": block["knn-lm"].rounded(),
+        "noisy": block["knn-lm"].noisy or block["mlp-memory"].noisy,  # its ratio to the memory is unreliable
         "tokens_per_s": round(knn_tps, 1),
         "bytes": int(store_bytes),
         "index": factory,
         "k": retriever.k,
         "nprobe": config.nprobe,
-        "memory_ms_same_rounds": round(block["mlp-memory"], 4),
-        "knn_over_memory": round(block["knn-lm"] / block["mlp-memory"], 3),
-        "knn_over_best_memory": round(block["knn-lm"] / best_ms, 3) if best_ms else None,
+        "memory_ms_same_rounds": round(memory_ms, 4),
+        "knn_over_memory": round(knn_ms / memory_ms, 3),
+        "knn_over_best_memory": round(knn_ms / best_ms, 3) if best_ms else None,
         "storage_over_memory": round(store_bytes / fixed.bytes["mlp-memory"], 2),
     }
     if store.build_s is not None:
@@ -390,12 +399,16 @@ def summarise(fixed: FixedSystems, knn_rows: list[dict], variants: list[dict], b
         "mixing_overhead": fixed.mixing_overhead,
         "memory_speedup": {
             "best": best["variant"] if best else None,
-            "decode_ms_added_eager": round(ms["mlp-memory"] - ms["base"], 4),
+            "decode_ms_added_eager": eager["decode_ms_added"],
             "decode_ms_added_best": best["decode_ms_added"] if best else None,
             "isolated_ms_eager": eager["ms_per_token"],
             "isolated_ms_best": best["ms_per_token"] if best else None,
-            "note": "added: decode step minus base's, in the same rounds; isolated: the memory alone, hot cache",
+            "note": "added: decode step minus base's, in the same rounds (null: not above the spread of the rounds); "
+            "isolated: the memory alone, hot cache",
         },
+        "noisy": sorted({r["system"] for r in fixed.rows + knn_rows if r["noisy"]}),
+        "noise_note": f"rows whose rounds spread by more than {NOISY:.0%} of their median (or whose reference's "
+        "do): their ratios are not meaningful; rerun on an idle machine",
     }
     if best:
         summary[f"{best_name}_over_base"] = round(ms[best_name] / ms["base"], 3)
@@ -406,13 +419,8 @@ def summarise(fixed: FixedSystems, knn_rows: list[dict], variants: list[dict], b
 # the command ----------------------------------------------------------------------------------------------------
 def bench(config: BenchConfig) -> dict[str, Any]:
     """Run every timing; returns the bench.json dict (also written to OUT_DIR, with bench.png)."""
-    import faiss
-
     config = with_quick(config)
     started = time.time()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-        faiss.omp_set_num_threads(config.threads)
     s = setup(config)
     out_dir = output_dir(config)
     work = out_dir / "work"
@@ -420,7 +428,7 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     try:
         variants, faithful = measure_memory_variants(s, config)
         fixed = measure_fixed_systems(s, config, faithful)
-        best = best_variant(variants, faithful, fixed.ms)
+        best = best_variant(variants, faithful, fixed)
         knn_rows = [measure_knn(store, config, s, fixed, best, work) for store in stores(config, s)]
     finally:
         if not config.keep_indexes:

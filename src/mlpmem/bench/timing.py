@@ -1,13 +1,47 @@
-"""Timers: per-token decode latency inside transformers' generate, and batched scoring throughput."""
+"""Timers: per-token decode latency inside transformers' generate (with its spread over rounds), and batched
+scoring throughput."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+
+NOISY = 0.25  # a spread (max - min of the rounds' medians) above this share of the median makes ratios unreliable
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Min, median and max of one timing over the timed rounds (each round's own median)."""
+
+    min: float
+    median: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Spread:
+        v = np.asarray(list(values), dtype=np.float64)
+        return cls(float(v.min()), float(np.median(v)), float(v.max()))
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the rounds disagree by more than NOISY of the median (load changed while timing)."""
+        return (self.max - self.min) > NOISY * self.median
+
+    def rounded(self, digits: int = 4) -> list[float]:
+        return [round(self.min, digits), round(self.median, digits), round(self.max, digits)]
+
+
+def added_ms(system: Spread, base: Spread) -> float | None:
+    """What a system adds to base's step (medians), or None when it is not measurable: not above zero, or
+    smaller than the spread of either timing. Never negative."""
+    diff = system.median - base.median
+    noise = max(system.max - system.min, base.max - base.min)
+    return round(diff, 4) if diff > 0 and diff > noise else None
 
 
 class StepClock(LogitsProcessor):
@@ -46,16 +80,16 @@ def decode_step_seconds(generate: Callable[..., object], prompt: torch.Tensor, n
 
 def interleaved_decode_ms(
     systems: dict[str, Callable[..., object]], prompt: torch.Tensor, new_tokens: int, repeats: int
-) -> dict[str, float]:
-    """Median ms per decode step of each system; one warm-up each, then ``repeats`` rounds that visit every
-    system in turn (so a change in machine load hits all systems alike)."""
-    steps: dict[str, list[np.ndarray]] = {name: [] for name in systems}
+) -> dict[str, Spread]:
+    """ms per decode step of each system, as the spread of the rounds' medians; one warm-up each, then
+    ``repeats`` rounds that visit every system in turn (so a change in machine load hits all systems alike)."""
+    rounds: dict[str, list[float]] = {name: [] for name in systems}
     for round_ in range(repeats + 1):
         for name, generate in systems.items():
             times = decode_step_seconds(generate, prompt, new_tokens)
             if round_:
-                steps[name].append(times)
-    return {name: float(np.median(np.concatenate(t)) * 1e3) for name, t in steps.items()}
+                rounds[name].append(float(np.median(times)) * 1e3)
+    return {name: Spread.of(r) for name, r in rounds.items()}
 
 
 def interleaved_scoring_tokens_per_s(

@@ -77,7 +77,7 @@ def prepare(config: PrepareConfig) -> PrepareManifest:
     build = run.begin("prepare", config, {})
     if build.status == "complete":
         return build.manifest
-    corpus = load_corpus(config.corpus, config.valid_fraction, config.test_fraction, config.text_column)
+    corpus = load_corpus(config.corpus, config.valid_fraction, config.test_fraction, config.text_column, config.include)
     if config.tokenizer is not None:
         tokenizer = load_tokenizer(config.tokenizer)
     else:

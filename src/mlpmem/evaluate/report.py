@@ -16,22 +16,49 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def format_table(systems: list[SystemResult]) -> str:
-    """A fixed-width table: system, valid PPL, test PPL, λ (per component for combined systems), T."""
-    rows = [f"{'system':<20} {'valid PPL':>10} {'test PPL':>10} {'lambda':>12} {'T':>6}"]
+EDGE_MARK = "^"  # a tuned value on an edge of its search
+OVERLAP_MARK = "!"  # a perplexity on the split the datastore / memory were built from
+
+
+def format_table(systems: list[SystemResult], overlap: str | None = None) -> str:
+    """A fixed-width table: system, valid PPL, test PPL, λ (per component for combined systems), T; edge optima
+    marked ``^``, perplexities on the split the datastore was built from marked ``!``."""
+    rows = [f"{'system':<20} {'valid PPL':>11} {'test PPL':>11} {'lambda':>13} {'T':>7}"]
     for s in systems:
         lmbda_text = "+".join(f"{v:g}" for v in s.weights.values()) if s.weights else _fmt(s.lmbda, "g")
+        marks = {split: OVERLAP_MARK if split == overlap and s.name != "base" else " " for split in ("valid", "test")}
+        edge = {name: EDGE_MARK if name in s.edges else " " for name in ("lambda", "T")}
         rows.append(
-            f"{s.name:<20} {_fmt(s.valid_ppl, '.2f'):>10} {_fmt(s.test_ppl, '.2f'):>10} "
-            f"{lmbda_text:>12} {_fmt(s.temperature, 'g'):>6}"
+            f"{s.name:<20} {_fmt(s.valid_ppl, '.2f'):>10}{marks['valid']} {_fmt(s.test_ppl, '.2f'):>10}{marks['test']} "
+            f"{lmbda_text:>12}{edge['lambda']} {_fmt(s.temperature, 'g'):>6}{edge['T']}"
         )
     return "\n".join(rows)
 
 
+def notes(manifest: EvaluateManifest) -> list[str]:
+    """The footnotes a table needs: tuned on test, overlap with the datastore, edge optima."""
+    lines = []
+    if manifest.tuned_on == "test" and "test" in manifest.tokens:
+        lines.append("test PPL is NOT held out: λ and T were tuned on test (--tune-on test)")
+    if manifest.overlap:
+        lines.append(
+            f"{OVERLAP_MARK} scored on {manifest.overlap}, the split the datastore and memory were built from "
+            "(--allow-overlap): recall, not held-out perplexity"
+        )
+    if any(s.edges for s in manifest.systems):
+        lines.append(
+            f"{EDGE_MARK} optimum on an edge of its search: λ at 0 or its top (1; 0.99 for kNN-LM), the grid "
+            "extended up to there, or T at an end of --knn-temperatures (widen that grid)"
+        )
+    return lines
+
+
 def format_results(manifest: EvaluateManifest) -> str:
-    """The heading (tokens scored per split, the split λ and T were tuned on) and the table."""
+    """The heading (tokens scored per split, the split λ and T were tuned on), the table and its footnotes."""
     tokens = ", ".join(f"{split} {n:,}" for split, n in manifest.tokens.items())
-    return f"Perplexity ({tokens} tokens; λ and T tuned on {manifest.tuned_on}):\n{format_table(manifest.systems)}"
+    tuned = f"; λ and T tuned on {manifest.tuned_on}" if manifest.tuned_on else ""
+    table = format_table(manifest.systems, manifest.overlap)
+    return "\n".join([f"Perplexity ({tokens} tokens{tuned}):", table, *notes(manifest)])
 
 
 def print_results(manifest: EvaluateManifest, config: Any = None) -> None:

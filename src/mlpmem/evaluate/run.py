@@ -7,6 +7,10 @@
 in the evaluate manifest (``EvaluateManifest.systems``), where ``generate`` reads them. Also writes
 RUN/evaluate/results.json and lambda.png for people.
 
+Numbers that look good and are wrong are refused: scoring kNN-LM or the memory on the split their datastore was
+built from (unless ``--allow-overlap``, then marked), and tuning on test (unless ``--tune-on test``, then
+marked); a λ on the edge of its grid is searched beyond it, and an edge optimum is flagged.
+
 Steps: ``plan`` (every input found, loaded and checked: nothing is touched before this passes) → ``score_split``
 (one LM pass per split, keys of the datastore's and the memory's layers from the same forward) →
 ``summarise`` (tune on valid, apply to every split) → outputs.
@@ -29,7 +33,15 @@ from mlpmem.devices import resolve_device
 from mlpmem.errors import UsageError
 from mlpmem.evaluate.report import plot_lambda_curves
 from mlpmem.evaluate.scoring import knn_log_prob, memory_log_prob, score_tokens
-from mlpmem.evaluate.tune import mixed_perplexity, perplexity, tune_knn, tune_lambda, tune_pair
+from mlpmem.evaluate.tune import (
+    mixed_perplexity,
+    on_edge,
+    pair_on_edge,
+    perplexity,
+    tune_knn,
+    tune_lambda,
+    tune_pair,
+)
 from mlpmem.lm.keys import key_dim, key_module_path
 from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, model_fingerprint, require_model, run_lm_dir
 from mlpmem.manifests import EvaluateManifest, SystemResult
@@ -63,6 +75,7 @@ class Plan:
     memory_layer: str | None = None
     knn: object | None = None
     knn_layer: str | None = None
+    overlap: str | None = None  # an evaluated split the datastore (and the memory) were built from
     inputs: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -157,19 +170,52 @@ def plan_evaluation(config: EvaluateConfig, run: RunDir) -> Plan:
         and optional_stage(run, "index") is not None
     )
     use_memory = config.memory and on_run and optional_stage(run, "train-memory") is not None
-    if use_knn:  # cheap refusals before loading any weights
+    tuning_split(config, config.splits, tunes=use_knn or use_memory)  # cheap refusals before loading any weights
+    overlap = check_overlap(config, run) if use_knn or use_memory else None
+    if use_knn:
         from mlpmem.knn.retriever import check_datastore
 
         check_datastore(run.require("datastore"), sources.model_fp, config.k)
     device = resolve_device(config.device)
     lm = load_lm(sources.model_path, device)
     context, stride = window_sizes(config, sources, lm)
-    plan = Plan(sources, lm, context, stride, inputs=dict(sources.inputs))
+    plan = Plan(sources, lm, context, stride, overlap=overlap, inputs=dict(sources.inputs))
     if use_memory:
         plan_memory(plan, run, device)
     if use_knn:
         plan_knn(plan, run, config)
     return plan
+
+
+def check_overlap(config: EvaluateConfig, run: RunDir) -> str | None:
+    """The evaluated split the run's datastore (and so its memory) was built from, when ``--allow-overlap`` lets it
+    be scored; UsageError otherwise. None when the splits are disjoint."""
+    split = run.require("datastore").config.split
+    if split not in config.splits:
+        return None
+    if not config.allow_overlap:
+        raise UsageError(
+            f"the datastore (and the memory trained on it) was built from the {split} split being evaluated: "
+            f"kNN-LM and memory numbers there are recall, not held-out perplexity; score other splits "
+            f"(--splits) or pass --allow-overlap to have them marked",
+            field="splits",
+        )
+    return split
+
+
+def tuning_split(config: EvaluateConfig, splits: list[str], tunes: bool) -> str | None:
+    """The split λ and T are tuned on (None when nothing is tuned); UsageError when it is not scored."""
+    if not tunes:
+        return None
+    if config.tune_on not in splits:
+        raise UsageError(
+            f"λ and T are tuned on {config.tune_on}, which is not scored; add it to --splits"
+            + (
+                " (or pass --tune-on test: the test numbers are then not held out)" if config.tune_on == "valid" else ""
+            ),
+            field="tune_on",
+        )
+    return config.tune_on
 
 
 # scoring ------------------------------------------------------------------------------------------------------
@@ -220,10 +266,15 @@ def knn_system(parts: Parts, tuned_on: str, config: EvaluateConfig) -> tuple[Sys
     tune = parts[tuned_on]
     t, lmbda, curve = tune_knn(tune["lm"], tune["knn"], config.knn_temperatures, config.lmbdas)
     chosen = {split: {**p, "knn": p["knn"][:, t]} for split, p in parts.items()}
+    temperature = config.knn_temperatures[t]
+    searched_t = len(set(config.knn_temperatures)) > 1
+    flags = (("lambda", on_edge(curve, lmbda)), ("T", searched_t and on_edge(config.knn_temperatures, temperature)))
+    edges = [name for name, flagged in flags if flagged]
     row = SystemResult(
         name="knn-lm",
         lmbda=lmbda,
-        temperature=config.knn_temperatures[t],
+        temperature=temperature,
+        edges=edges,
         **split_ppls(chosen, ["lm", "knn"], [1 - lmbda, lmbda]),
     )
     return row, chosen, curve
@@ -232,29 +283,34 @@ def knn_system(parts: Parts, tuned_on: str, config: EvaluateConfig) -> tuple[Sys
 def memory_system(parts: Parts, tuned_on: str, config: EvaluateConfig) -> tuple[SystemResult, dict[float, float]]:
     tune = parts[tuned_on]
     lmbda, curve = tune_lambda(tune["lm"], tune["mem"], config.lmbdas)
-    return SystemResult(name="mlp-memory", lmbda=lmbda, **split_ppls(parts, ["lm", "mem"], [1 - lmbda, lmbda])), curve
+    ppls = split_ppls(parts, ["lm", "mem"], [1 - lmbda, lmbda])
+    return SystemResult(name="mlp-memory", lmbda=lmbda, edges=["lambda"] * on_edge(curve, lmbda), **ppls), curve
 
 
 def combined_system(parts: Parts, tuned_on: str, config: EvaluateConfig, temperature: float) -> SystemResult:
     """Memory + kNN-LM (at kNN-LM's tuned T) with both weights tuned on ``tuned_on``."""
     tune = parts[tuned_on]
-    (lm_, lk), _ = tune_pair(tune["lm"], tune["mem"], tune["knn"], config.lmbdas)
+    (lm_, lk), curve = tune_pair(tune["lm"], tune["mem"], tune["knn"], config.lmbdas)
     ppls = split_ppls(parts, ["lm", "mem", "knn"], [1 - lm_ - lk, lm_, lk])
     return SystemResult(
         name="mlp-memory+knn-lm",
         lmbda=round(lm_ + lk, 6),
         weights={"mlp-memory": lm_, "knn-lm": lk},
         temperature=temperature,
+        edges=["lambda"] * pair_on_edge((lm_, lk), curve),
         **ppls,
     )
 
 
-def summarise(parts: Parts, config: EvaluateConfig) -> tuple[list[SystemResult], str, dict[str, dict[float, float]]]:
-    """Every system with λ (and T) tuned on valid (when scored, else the first split) and applied to every split;
-    the split tuned on; validation PPL against λ per system."""
-    tuned_on = "valid" if "valid" in parts else next(iter(parts))
+def summarise(
+    parts: Parts, config: EvaluateConfig
+) -> tuple[list[SystemResult], str | None, dict[str, dict[float, float]]]:
+    """Every system with λ (and T) tuned on ``config.tune_on`` and applied to every split; the split tuned on
+    (None when only the base LM was scored); PPL on the tuning split against λ per system."""
+    first = next(iter(parts.values()))
+    has_knn, has_mem = "knn" in first, "mem" in first
+    tuned_on = tuning_split(config, list(parts), tunes=has_knn or has_mem)
     systems, curves = [base_system(parts)], {}
-    has_knn, has_mem = "knn" in parts[tuned_on], "mem" in parts[tuned_on]
     if has_knn:
         row, parts, curves["knn-lm"] = knn_system(parts, tuned_on, config)
         systems.append(row)
@@ -293,6 +349,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateManifest:
         stride=plan.stride,
         tokens={split: int(len(p["lm"])) for split, p in parts.items()},
         tuned_on=tuned_on,
+        overlap=plan.overlap,
         systems=systems,
         lambda_curves={name: {str(x): y for x, y in c.items() if math.isfinite(y)} for name, c in curves.items()},
     )
@@ -309,7 +366,7 @@ def write_outputs(folder: Path, fields: dict, curves: dict[str, dict[float, floa
         "provenance": Environment.current().model_dump(),
     }
     atomic_write_json(folder / RESULTS_FILE, results)
-    if curves:
+    if curves and fields["tuned_on"]:
         base = fields["systems"][0]
         finite = {name: {x: y for x, y in c.items() if math.isfinite(y)} for name, c in curves.items()}
         plot_lambda_curves(finite, getattr(base, f"{fields['tuned_on']}_ppl"), folder / PLOT_FILE)

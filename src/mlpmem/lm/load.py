@@ -1,10 +1,17 @@
-"""Load a causal LM (HF id or path, or a run's trained LM) with a one-line error for a bad name."""
+"""Load a causal LM (HF id or path, or a run's trained LM) with a one-line error for a bad name.
+
+A hub id is loaded online when the Hugging Face hub answers within ``HUB_TIMEOUT_S``, else from the local cache
+in HF's offline mode: no minute of retries before the error when there is no network.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -31,6 +38,47 @@ def require_model(name_or_path: str | Path, what: str = "model") -> str:
     return name
 
 
+HUB_TIMEOUT_S = 3.0  # seconds a TCP connection to the hub (or the HTTPS proxy) may take before we go offline
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the hub ($HF_ENDPOINT, or the HTTPS proxy when one is set) accepts a connection (once per process)."""
+    proxy = next(
+        (os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(v)), None
+    )
+    url = urlparse(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_TIMEOUT_S).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def offline_unless_reachable(name: str) -> bool:
+    """Before loading ``name``: for a hub id when the hub cannot be reached, switch HF to offline mode (the local
+    cache only). True when loading is offline."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE and not _looks_local(name) and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for child processes
+        constants.HF_HUB_OFFLINE = True  # read by huggingface_hub and transformers at every call
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def load_error(what: str, name: str, err: Exception, offline: bool) -> UsageError:
+    """One line for a model or tokenizer that could not be loaded."""
+    if offline and not _looks_local(name):
+        return UsageError(
+            f"cannot load {what} {name!r}: the Hugging Face hub cannot be reached (offline) and it is not in the "
+            "local cache; pass a local folder, or download it where there is network"
+        )
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if what == "model":
+        return UsageError(f"cannot load model {name!r} (not a local model folder or a reachable HF id): {first}")
+    return UsageError(f"cannot load {what} {name!r}: {first}")
+
+
 def model_fingerprint(name_or_path: str | Path) -> str:
     """Identity of a model: content hash of a local folder, else the hub id."""
     path = Path(name_or_path).expanduser()
@@ -40,6 +88,7 @@ def model_fingerprint(name_or_path: str | Path) -> str:
 def load_lm(name_or_path: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:
     """An HF causal LM in eval mode on ``device``; UsageError naming the model if it cannot be loaded."""
     name = require_model(name_or_path)
+    offline = offline_unless_reachable(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name)
     except pickle.UnpicklingError:
@@ -47,10 +96,7 @@ def load_lm(name_or_path: str | Path, device: torch.device | str = "cpu") -> Pre
             f"refusing to load {name!r}: its weights are a pickle that is not plain tensors (convert it to safetensors)"
         ) from None
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(
-            f"cannot load model {name!r} (not a local model folder or a reachable HF id): {first}"
-        ) from None
+        raise load_error("model", name, err, offline) from None
     check_finite_weights(model, name)
     return model.to(device).eval()
 
@@ -65,11 +111,11 @@ def check_finite_weights(model: torch.nn.Module, name: str) -> None:
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     """An HF tokenizer; UsageError naming it if it cannot be loaded."""
     name = require_model(name_or_path, "tokenizer")
+    offline = offline_unless_reachable(name)
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load tokenizer {name!r}: {first}") from None
+        raise load_error("tokenizer", name, err, offline) from None
 
 
 def max_positions(model: PreTrainedModel) -> int | None:

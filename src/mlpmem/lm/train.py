@@ -26,7 +26,17 @@ from mlpmem.errors import UsageError
 from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, model_fingerprint
 from mlpmem.manifests import PrepareManifest, TrainLMManifest
 from mlpmem.progress import progress
-from mlpmem.training import check_finite, check_weights_finite, checkpoint_due, make_optimizer, make_scheduler, safe_exp
+from mlpmem.training import (
+    MetricsLog,
+    StepWindow,
+    check_finite,
+    check_weights_finite,
+    checkpoint_due,
+    make_optimizer,
+    make_scheduler,
+    metrics_due,
+    safe_exp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,35 +168,43 @@ def fit(
     bar = progress(
         total=config.max_steps, initial=step, desc="train-lm", unit="step", disable=not accelerator.is_main_process
     )
+    metrics = MetricsLog(build.dir, step, enabled=accelerator.is_main_process)
     t_train, n_trained = 0.0, 0
+    window = StepWindow()
     while step < config.max_steps:
         t0 = time.perf_counter()
+        step_loss = 0.0
         for micro in range(config.grad_accum):
             rng = np.random.default_rng([config.seed, step, micro, rank])
             x = random_windows(train, config.context, config.batch_size, rng).to(accelerator.device)
             loss = window_loss(model, x) / config.grad_accum
             check_finite(loss, step, "train-lm")
             accelerator.backward(loss)
+            step_loss += loss.item()
         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+        lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        t_train += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        t_train += seconds
         n_trained += tokens_per_step
+        window.add(seconds, tokens_per_step, loss=step_loss)
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{loss.item() * config.grad_accum:.3f}", tok_s=f"{n_trained / t_train:,.0f}", refresh=False
-        )
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{n_trained / t_train:,.0f}", refresh=False)
+        if metrics_due(step, config.eval_interval, config.max_steps):
+            metrics.write(step, window.line(lr, "tokens_per_s"))
         if checkpoint_due(step, config.eval_interval, config.max_steps):
             val = validation_loss(model, valid, config, accelerator.device)
             check_finite(torch.tensor(val), step, "train-lm")
             build.manifest.history = [
                 *build.manifest.history,
-                {"step": step, "train_loss": round(loss.item() * config.grad_accum, 4), "valid_loss": round(val, 4)},
+                {"step": step, "train_loss": round(step_loss, 4), "valid_loss": round(val, 4)},
             ]
-            bar.write(f"step {step}: valid loss {val:.4f} (ppl {safe_exp(val):.2f})")
+            metrics.write(step, {"valid/loss": val, "valid/ppl": safe_exp(val)})
             if accelerator.is_main_process:
+                log.info("train-lm step %d: valid loss %.4f (ppl %.2f)", step, val, safe_exp(val))
                 state = {
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),

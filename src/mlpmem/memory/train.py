@@ -12,6 +12,7 @@ global batch). The final memory is saved with save_pretrained to RUN/train-memor
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,18 @@ from mlpmem.manifests import DatastoreManifest, TargetsManifest, TrainMemoryMani
 from mlpmem.memory.loss import memory_loss
 from mlpmem.memory.model import MLPMemory, MLPMemoryConfig
 from mlpmem.progress import progress
-from mlpmem.training import check_finite, check_weights_finite, checkpoint_due, make_optimizer, make_scheduler
+from mlpmem.training import (
+    MetricsLog,
+    StepWindow,
+    check_finite,
+    check_weights_finite,
+    checkpoint_due,
+    make_optimizer,
+    make_scheduler,
+    metrics_due,
+)
+
+log = logging.getLogger(__name__)
 
 
 # key sources -------------------------------------------------------------------------------------------------
@@ -361,17 +373,17 @@ def train_step(
     dtype: torch.dtype,
     step: int,
 ):
-    """One update on keys [b, d] and their target rows; returns (loss, kl)."""
+    """One update on keys [b, d] and their target rows; returns (loss, kl, ce)."""
     with autocast(device, dtype):
         logits = memory(keys)  # [b, V]
-    loss, kl, _ = memory_loss(logits, *rows, config.alpha)
+    loss, kl, ce = memory_loss(logits, *rows, config.alpha)
     check_finite(loss, step, "train-memory")
     accelerator.backward(loss)
     accelerator.clip_grad_norm_(memory.parameters(), config.grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, kl
+    return loss, kl, ce
 
 
 def fit(
@@ -388,6 +400,7 @@ def fit(
 ) -> dict:
     """The training loop, from step 0 or a checkpoint's ``state``; returns step, timings and validation results."""
     rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
     per_step = max(world, round(config.batch_size / source.keys_per_unit))  # units per global step
     total_steps = max(1, math.ceil(config.epochs * source.n_units / per_step))
     scheduler = make_scheduler(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
@@ -395,36 +408,43 @@ def fit(
     targets = Targets(Path(config.run_dir))
     valid_ids = np.arange(source.n_train, n_entries)
     valid_keys = source.keys_for(valid_ids, torch.device("cpu")) if len(valid_ids) else None  # [n_valid, d]
+    loop = LoopState.from_checkpoint(state)
+    metrics = MetricsLog(build.dir, loop.step, enabled=main)
 
-    def run_validation(at: LoopState) -> dict[str, float] | None:
+    def run_validation() -> dict[str, float] | None:
         if valid_keys is None:
             return None
         result = validate(memory, valid_keys, valid_ids, targets, config.alpha, config.batch_size, device, dtype)
-        at.valid_history.append({"step": at.step, **result})
+        loop.valid_history.append({"step": loop.step, **result})
+        metrics.write(loop.step, {f"valid/{k}": v for k, v in result.items()})
+        if main:
+            log.info("train-memory step %d: valid loss %.4f kl %.4f ce %.4f", loop.step, *result.values())
         return result
 
-    loop = LoopState.from_checkpoint(state)
     if loop.step == 0:
-        run_validation(loop)
-    main = accelerator.is_main_process
+        run_validation()
     bar = progress(total=total_steps, initial=loop.step, desc="train-memory", unit="step", disable=not main)
+    window = StepWindow()
     while loop.step < total_steps:
         t0 = time.perf_counter()
         ids, keys = source.batch(units_for_step(loop.step, per_step, source.n_units, config.seed)[rank::world], device)
-        loss, kl = train_step(
+        lr = scheduler.get_last_lr()[0]
+        loss, kl, ce = train_step(
             memory, keys, targets.rows(ids, device), config, accelerator, optimizer, scheduler, device, dtype, loop.step
         )
         loop.step += 1
-        loop.train_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        loop.train_seconds += seconds
         loop.keys_seen += len(ids) * world
+        window.add(seconds, len(ids) * world, loss=loss.item(), kl=kl.item(), ce=ce.item())
         bar.update(1)
         rate = f"{loop.keys_seen / loop.train_seconds:,.0f}"
         bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{kl.item():.3f}", keys_s=rate, refresh=False)
+        if metrics_due(loop.step, config.eval_interval, total_steps):
+            metrics.write(loop.step, window.line(lr, "keys_per_s"))
         if checkpoint_due(loop.step, config.eval_interval, total_steps):
-            if loop.step < total_steps and (result := run_validation(loop)) is not None:
-                bar.write(
-                    f"step {loop.step}: valid loss {result['loss']:.4f} kl {result['kl']:.4f} ce {result['ce']:.4f}"
-                )
+            if loop.step < total_steps:
+                run_validation()
             if main:
                 extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **loop.saved()}
                 save_checkpoint(build.dir, loop.step, accelerator.unwrap_model(memory), extra)
@@ -432,7 +452,7 @@ def fit(
                 build.save()
             accelerator.wait_for_everyone()
     bar.close()
-    final = run_validation(loop)
+    final = run_validation()
     if final is not None:
         check_finite(torch.tensor(final["loss"]), loop.step, "train-memory")
     return {
