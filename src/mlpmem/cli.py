@@ -248,7 +248,7 @@ def execute(args: argparse.Namespace, rest: list[str]) -> int:
     config = stage_config(args.command, args)
     if not spec.builds:
         config = default_run_dir(config, args.command)
-    if spec.builds or args.command == "bench":
+    if spec.takes_lock:
         with lock_run(config.run_dir, f"mlpmem {args.command}"):
             result = spec.function()(config)
     else:

@@ -228,6 +228,25 @@ class GenerateConfig(StageConfig):
     device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
+class ExportConfig(StageConfig):
+    out_dir: Path = Field(
+        ...,
+        description="folder to write the joint model into (replaced when it holds an earlier export)",
+        json_schema_extra={"cli_aliases": ["--out"]},
+    )
+    lmbda: Weight | None = Field(
+        None, description="memory weight; default: the λ evaluate tuned, else the one saved with the memory"
+    )
+    knn: bool = Field(False, description="also mix in the run's kNN-LM (the folder names the run; nothing copied)")
+    knn_lmbda: Weight | None = Field(None, description="kNN-LM weight; default: tuned by evaluate, else 0.25")
+    knn_temperature: Temperature | None = Field(None, description="T of p_kNN; default: tuned by evaluate")
+    k: int = Field(256, ge=1, description="neighbours retrieved per token for kNN-LM")
+    nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
+    license: str = Field(
+        "other", description="licence of the exported weights for the model card (HF identifier, e.g. apache-2.0)"
+    )
+
+
 class BenchConfig(StageConfig):
     out_dir: Path | None = Field(
         None,
