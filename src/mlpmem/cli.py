@@ -246,7 +246,7 @@ def execute(args: argparse.Namespace, rest: list[str]) -> int:
         return 1 if problems else 0
     spec = stage_spec(args.command)
     config = stage_config(args.command, args)
-    if not spec.builds:
+    if not spec.builds and spec.upstream:
         config = default_run_dir(config, args.command)
     if spec.takes_lock:
         with lock_run(config.run_dir, f"mlpmem {args.command}"):

@@ -247,6 +247,17 @@ class ExportConfig(StageConfig):
     )
 
 
+class LmEvalConfig(StageConfig):
+    model: str = Field(..., description="folder written by `mlpmem export` (the base LM is the one inside it)")
+    tasks: list[str] = Field(..., min_length=1, description="lm-evaluation-harness task names (or groups)")
+    include_path: Path | None = Field(None, description="folder of extra lm-eval task YAMLs (local tasks)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples; default: each task's own")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N documents of each task")
+    batch_size: int = setting(8, "sequences per forward pass", ge=1)
+    out_path: Path | None = Field(None, description="write both systems' lm-eval results here (JSON)")
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
 class BenchConfig(StageConfig):
     out_dir: Path | None = Field(
         None,

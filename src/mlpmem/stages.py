@@ -22,6 +22,7 @@ from mlpmem.config import (
     ExportConfig,
     GenerateConfig,
     IndexConfig,
+    LmEvalConfig,
     PrepareConfig,
     StageConfig,
     TargetsConfig,
@@ -164,6 +165,15 @@ STAGES: tuple[StageSpec, ...] = (
         "write the LM + memory as one Hugging Face model folder (safetensors, tokenizer, model card)",
         report="mlpmem.export.run:print_export",
         locks=True,
+    ),
+    StageSpec(
+        "lm-eval",
+        LmEvalConfig,
+        None,
+        "mlpmem.evaluate.harness:lm_eval_side_by_side",
+        (),
+        "lm-evaluation-harness tasks on an exported model's base LM and on the LM + memory, side by side",
+        report="mlpmem.evaluate.harness:print_side_by_side",
     ),
 )
 BY_NAME = {spec.name: spec for spec in STAGES}
