@@ -49,7 +49,8 @@ def test_shipped_configs_validate(path):
 
 @pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.name)
 def test_stage_config_yaml_round_trips(spec):
-    data = {"prepare": {"tokenizer": "gpt2"}, "export": {"out_dir": "exports/x"}}.get(spec.name, {})
+    required = {"prepare": {"tokenizer": "gpt2"}, "export": {"out_dir": "x"}, "lm-eval": {"model": "x", "tasks": ["t"]}}
+    data = required.get(spec.name, {})
     config = validate(spec.config, data)
     assert validate(spec.config, yaml.safe_load(to_yaml(config))) == config
 
