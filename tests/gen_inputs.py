@@ -137,3 +137,18 @@ def generation_run_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def generation_run(generation_run_template: Path, tmp_path: Path) -> Path:
     """A fresh copy of a run with complete prepare, train-lm (+ tokenizer), datastore, index and train-memory."""
     return Path(shutil.copytree(generation_run_template, tmp_path / "run"))
+
+
+@pytest.fixture(scope="session")
+def exported(generation_run_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run exported with λ = 0.4 (no end-of-text token, so every generation runs its full length)."""
+    import json
+
+    from mlpmem.cli import main
+
+    out = tmp_path_factory.mktemp("export") / "model"
+    assert main(["export", "--run-dir", str(generation_run_template), "--out", str(out), "--lmbda", "0.4"]) == 0
+    config = json.loads((out / "generation_config.json").read_text())
+    config["eos_token_id"] = None
+    (out / "generation_config.json").write_text(json.dumps(config))
+    return out

@@ -98,7 +98,8 @@ def test_threads_default_to_the_cores_this_process_may_use():
 
 @pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.name)
 def test_stage_config_yaml_round_trips(spec):
-    data = {"tokenizer": "gpt2"} if spec.name == "prepare" else {}
+    required = {"prepare": {"tokenizer": "gpt2"}, "export": {"out_dir": "x"}, "lm-eval": {"model": "x", "tasks": ["t"]}}
+    data = required.get(spec.name, {})
     config = validate(spec.config, data)
     assert validate(spec.config, yaml.safe_load(to_yaml(config))) == config
 

@@ -293,9 +293,9 @@ def execute(args: argparse.Namespace, rest: list[str]) -> int:
         return 1 if problems else 0
     spec = stage_spec(args.command)
     config = stage_config(args.command, args)
-    if not spec.builds:
+    if not spec.builds and spec.upstream:
         config = default_run_dir(config, args.command)
-    lock = lock_run(config.run_dir, f"mlpmem {args.command}") if spec.builds or args.command == "bench" else None
+    lock = lock_run(config.run_dir, f"mlpmem {args.command}") if spec.takes_lock else None
     with lock or contextlib.nullcontext():
         result, _ = call_stage(args.command, config)
     if spec.reporter() is not None:

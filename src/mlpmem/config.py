@@ -248,6 +248,36 @@ class GenerateConfig(StageConfig):
     device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
+class ExportConfig(StageConfig):
+    out_dir: Path = Field(
+        ...,
+        description="folder to write the joint model into (replaced when it holds an earlier export)",
+        json_schema_extra={"cli_aliases": ["--out"]},
+    )
+    lmbda: Weight | None = Field(
+        None, description="memory weight; default: the λ evaluate tuned, else the one saved with the memory"
+    )
+    knn: bool = Field(False, description="also mix in the run's kNN-LM (the folder names the run; nothing copied)")
+    knn_lmbda: Weight | None = Field(None, description="kNN-LM weight; default: tuned by evaluate, else 0.25")
+    knn_temperature: Temperature | None = Field(None, description="T of p_kNN; default: tuned by evaluate")
+    k: int = Field(256, ge=1, description="neighbours retrieved per token for kNN-LM")
+    nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
+    license: str = Field(
+        "other", description="licence of the exported weights for the model card (HF identifier, e.g. apache-2.0)"
+    )
+
+
+class LmEvalConfig(StageConfig):
+    model: str = Field(..., description="folder written by `mlpmem export` (the base LM is the one inside it)")
+    tasks: list[str] = Field(..., min_length=1, description="lm-evaluation-harness task names (or groups)")
+    include_path: Path | None = Field(None, description="folder of extra lm-eval task YAMLs (local tasks)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples; default: each task's own")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N documents of each task")
+    batch_size: int = setting(8, "sequences per forward pass", ge=1)
+    out_path: Path | None = Field(None, description="write both systems' lm-eval results here (JSON)")
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
 class BenchConfig(StageConfig):
     out_dir: Path | None = Field(
         None,

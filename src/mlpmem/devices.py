@@ -31,12 +31,15 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU advertises bf16 instructions (Linux /proc/cpuinfo; False where unknown)."""
+    """True when the CPU advertises bf16 instructions (Linux /proc/cpuinfo; False where unknown) and torch's kernels
+    may use them (not when torch is held to AVX2, e.g. by ATEN_CPU_CAPABILITY=avx2: bf16 would be emulated)."""
     try:
         flags = open("/proc/cpuinfo", encoding="utf-8").read()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return False
+    return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -19,8 +19,10 @@ from mlpmem.config import (
     BenchConfig,
     DatastoreConfig,
     EvaluateConfig,
+    ExportConfig,
     GenerateConfig,
     IndexConfig,
+    LmEvalConfig,
     PrepareConfig,
     StageConfig,
     TargetsConfig,
@@ -51,6 +53,7 @@ class StageSpec:
     upstream: tuple[str, ...]  # stages whose complete manifests it reads
     help: str
     report: str | None = None  # "module:function" printing the result on the terminal (the CLI calls it)
+    locks: bool | None = None  # takes the run's lock; None: when it builds a stage
 
     @property
     def section(self) -> str:
@@ -60,6 +63,10 @@ class StageSpec:
     @property
     def builds(self) -> bool:
         return self.manifest is not None
+
+    @property
+    def takes_lock(self) -> bool:
+        return self.builds if self.locks is None else self.locks
 
     def function(self):
         module, name = self.entry.split(":")
@@ -147,6 +154,26 @@ STAGES: tuple[StageSpec, ...] = (
         ("train-lm",),
         "decode latency, scoring throughput and storage: base, memory, kNN-LM, equal-size decoder",
         report="mlpmem.bench.report:print_report",
+        locks=True,
+    ),
+    StageSpec(
+        "export",
+        ExportConfig,
+        None,
+        "mlpmem.export.run:export_model",
+        ("train-lm", "train-memory"),
+        "write the LM + memory as one Hugging Face model folder (safetensors, tokenizer, model card)",
+        report="mlpmem.export.run:print_export",
+        locks=True,
+    ),
+    StageSpec(
+        "lm-eval",
+        LmEvalConfig,
+        None,
+        "mlpmem.evaluate.harness:lm_eval_side_by_side",
+        (),
+        "lm-evaluation-harness tasks on an exported model's base LM and on the LM + memory, side by side",
+        report="mlpmem.evaluate.harness:print_side_by_side",
     ),
 )
 BY_NAME = {spec.name: spec for spec in STAGES}

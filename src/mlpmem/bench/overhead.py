@@ -1,8 +1,9 @@
-"""The cost of the generation hooks and the mixing alone: a memory that costs nothing, mixed by the same hooks,
+"""The cost of the key hooks and the mixing alone: a memory that costs nothing, mixed by the same joint model,
 with every call of the mixing timed.
 
-``MixTimer`` is a ``MemoryAugmentedLM`` whose ``mix`` notes its own duration; its decode step minus base's is
-the hooks + mixing overhead (plus noise), and the time inside ``mix`` is that overhead measured directly.
+``MixTimer`` is the joint model (``MemoryAugmentedForCausalLM``) with a ``mix`` that notes its own duration; its
+decode step minus base's is the hooks + mixing overhead (plus noise), and the time inside ``mix`` is that
+overhead measured directly.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from transformers import PreTrainedModel
 from mlpmem.bench.memory_speed import ConstantMemory
 from mlpmem.bench.timing import Spread, added_ms
 from mlpmem.inference.generation import MemoryAugmentedLM
+from mlpmem.inference.joint import MemoryAugmentedForCausalLM
 
 
-class MixTimer(MemoryAugmentedLM):
-    """A MemoryAugmentedLM recording the seconds of every ``mix`` call in ``seconds``."""
+class MixTimer(MemoryAugmentedForCausalLM):
+    """The joint model recording the seconds of every ``mix`` call in ``seconds``."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: Any):
+        super().__init__(config)
         self.seconds: list[float] = []
 
     def mix(self, logits: torch.Tensor, keys: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -35,10 +37,11 @@ class MixTimer(MemoryAugmentedLM):
         return out
 
 
-def free_memory_lm(lm: PreTrainedModel, lmbda: float, layer: str) -> MixTimer:
-    """The LM with a memory that costs nothing (fixed logits) read from ``layer``, mixed at ``lmbda``, timed."""
+def free_memory_lm(lm: PreTrainedModel, lmbda: float, layer: str) -> MemoryAugmentedLM:
+    """The LM with a memory that costs nothing (fixed logits) read from ``layer``, mixed at ``lmbda``, timed
+    (``.model.seconds``)."""
     memory = ConstantMemory(int(lm.config.vocab_size)).to(next(lm.parameters()).device)
-    return MixTimer(lm, memory=memory, lmbda=lmbda, memory_layer=layer)
+    return MemoryAugmentedLM(lm, model=MixTimer.from_parts(lm, memory=memory, lmbda=lmbda, memory_layer=layer))
 
 
 NOTE = (
@@ -48,10 +51,10 @@ NOTE = (
 )
 
 
-def mixing_overhead(timer: MixTimer, free: Spread, base: Spread, memory_ms: float) -> dict[str, Any]:
+def mixing_overhead(timer: MemoryAugmentedLM, free: Spread, base: Spread, memory_ms: float) -> dict[str, Any]:
     """bench.json's ``mixing_overhead``: median ms inside ``mix``, its share of a memory decode step, and the
     decode step of the free memory minus base's (None when not above the timing noise)."""
-    in_hook_ms = float(np.median(timer.seconds) * 1e3)
+    in_hook_ms = float(np.median(timer.model.seconds) * 1e3)
     return {
         "in_hook_ms": round(in_hook_ms, 4),
         "share_of_memory_step": round(in_hook_ms / memory_ms, 4),

@@ -200,21 +200,25 @@ def local_corpus(path: Path, valid_fraction: float, test_fraction: float, includ
 
 
 def hf_corpus(spec: str, text_column: str, valid_fraction: float, test_fraction: float) -> Corpus:
-    """``hf:NAME[:CONFIG]`` through the datasets library (needs network or a local cache)."""
+    """``hf:NAME[:CONFIG]`` streamed through the datasets library (rows are read as they arrive: nothing is
+    downloaded into the datasets cache first). NAME is a Hub dataset (needs network) or a local dataset folder."""
     try:
         import datasets
     except ImportError:
         raise UsageError("hf: corpora need the datasets package: pip install 'mlpmem[hf]'") from None
     name, _, config = spec.removeprefix("hf:").partition(":")
     try:
-        ds = datasets.load_dataset(name, config or None)
+        ds = datasets.load_dataset(name, config or None, streaming=True)
+        first = next(iter(ds[next(iter(ds))]), {})
     except Exception as err:  # datasets raises many types for an unknown or unreachable name
         raise UsageError(
             f"cannot load Hugging Face dataset {spec!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from None
-    if text_column not in ds[next(iter(ds))].column_names:
-        raise UsageError(f"dataset {spec} has no column {text_column!r}; set --text-column")
-    join = lambda split: "\n".join(ds[split][text_column]) + "\n"  # noqa: E731
+    if text_column not in first:
+        raise UsageError(
+            f"dataset {spec} has no column {text_column!r} (it has {', '.join(first)})", field="text_column"
+        )
+    join = lambda split: "".join(f"{row[text_column]}\n" for row in ds[split])  # noqa: E731
     if {"train", "validation", "test"} <= set(ds):
         return Corpus({"train": join("train"), "valid": join("validation"), "test": join("test")}, f"HF dataset {spec}")
     return Corpus(carve(join(next(iter(ds))), valid_fraction, test_fraction), f"HF dataset {spec} (carved)")

@@ -7,22 +7,18 @@
     mlpmem generate --run-dir runs/demo --prompt "The history of" --max-new-tokens 30
     mlpmem generate --run-dir runs/demo --prompt '["The", "In"]'     # a YAML list: one left-padded batch
 
-How (knn-transformers style, on an unmodified Hugging Face model): forward hooks. A key hook
-(``mlpmem.lm.keys.KeyHook``) per key layer keeps that module's output of the current forward — the memory and
-the datastore may read different layers; a hook on the LM's top-level forward replaces ``outputs.logits`` — only
-the positions that forward returns; ``generate`` asks for the last one (``logits_to_keep=1``) — by the joint
-log-probs ``mix_log_probs([log p_LM, log p_mem, log p_kNN], weights)``. Everything ``generate`` does afterwards
-(temperature, top-k, top-p and other logits processors, argmax, sampling, beam search's log_softmax, which leaves
-log-probs unchanged) therefore acts on the mixed distribution. With the KV cache each decode step forwards only
-the new token, so the memory (or the retrieval) runs once per new token on that token's key and the prefix is
-never recomputed. With nothing to mix (no memory, no kNN-LM, or zero weights) no hook is set: the base LM alone.
+How: ``MemoryAugmentedLM`` holds the joint model, ``mlpmem.inference.joint.MemoryAugmentedForCausalLM`` (a
+native HF causal LM whose ``forward`` returns the joint log-probs ``mix_log_probs([log p_LM, log p_mem, log p_kNN],
+weights)`` in place of the logits), and calls its own ``generate``: temperature, top-k, top-p and other logits
+processors, argmax, sampling and beam search (whose log_softmax leaves log-probs unchanged) act on the mixed
+distribution; with the KV cache each decode step forwards only the new token, so the memory (or the retrieval)
+runs once per new token on that token's key and the prefix is never recomputed. This class adds text in and out,
+the tokenizer, λ defaults from the run, and the length check.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +31,9 @@ from mlpmem.artifacts import RunDir
 from mlpmem.config import GenerateConfig
 from mlpmem.devices import resolve_device
 from mlpmem.errors import UsageError
-from mlpmem.inference.mixing import mix_log_probs
+from mlpmem.inference.joint import MemoryAugmentedForCausalLM
 from mlpmem.knn.retriever import DEFAULT_KNN_TEMPERATURE, KnnRetriever
-from mlpmem.lm.keys import KeyHook, key_module_path
+from mlpmem.lm.keys import key_module_path
 from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, run_lm_dir
 
 DEFAULT_KNN_LMBDA = 0.25
@@ -45,7 +41,8 @@ DEFAULT_MAX_NEW_TOKENS = 50
 
 
 class MemoryAugmentedLM:
-    """A causal LM whose next-token distribution is mixed with an MLP memory and/or a kNN-LM.
+    """Text in, text out around the joint model (``MemoryAugmentedForCausalLM``, a native HF causal LM): the run's
+    LM, memory and/or kNN-LM, and its tokenizer.
 
     Weights: memory ``lmbda``, kNN-LM ``knn_lmbda``, the LM the rest (1 - lmbda - knn_lmbda). ``memory`` is any
     module mapping keys [..., d] to logits [..., V] (an ``MLPMemory``, or a quantised / compiled copy of one); it
@@ -56,8 +53,7 @@ class MemoryAugmentedLM:
         mlm.generate(["Once upon", "The"], max_new_tokens=20)        # -> list of continuations (str)
         mlm.generate(input_ids, attention_mask=mask, num_beams=4)    # -> token ids, as model.generate
         mlm.joint_log_probs(input_ids)                               # -> [B, T, V] mixed log-probs
-        with mlm.mixing():                                           # or any HF API on the LM itself
-            mlm.lm.generate(input_ids, max_new_tokens=5)
+        mlm.model                                                    # the joint model: any HF API works on it
     """
 
     def __init__(
@@ -70,20 +66,12 @@ class MemoryAugmentedLM:
         tokenizer: PreTrainedTokenizerBase | None = None,
         memory_layer: str | None = None,
         knn_layer: str | None = None,
+        model: MemoryAugmentedForCausalLM | None = None,
     ):
-        self.lm = lm
-        self.memory = memory
-        self.knn = knn
-        self.lmbda = float(lmbda) if memory is not None else 0.0
-        self.knn_lmbda = float(knn_lmbda) if knn is not None else 0.0
-        if min(self.lmbda, self.knn_lmbda) < 0 or self.lmbda + self.knn_lmbda > 1:
-            raise UsageError(
-                f"the memory's λ ({self.lmbda}) and kNN-LM's ({self.knn_lmbda}) must be >= 0 and sum to at most 1"
-            )
+        self.model = model or MemoryAugmentedForCausalLM.from_parts(
+            lm, memory, lmbda, knn, knn_lmbda, memory_layer=memory_layer, knn_layer=knn_layer
+        )
         self.tokenizer = tokenizer
-        default_memory_layer = getattr(getattr(memory, "config", None), "key_layer", None)
-        self.memory_layer = key_module_path(lm, memory_layer or default_memory_layer) if memory is not None else None
-        self.knn_layer = key_module_path(lm, knn_layer) if knn is not None else None
 
     # construction ----------------------------------------------------------------------------------------------
     @classmethod
@@ -107,38 +95,44 @@ class MemoryAugmentedLM:
         λ saved with the memory, 0.25 and the memory's target temperature (else the targets stage's). Mismatched
         artifacts (another base LM, a key module the LM lacks, another width or vocabulary) are refused with one line.
         """
-        from mlpmem.knn.retriever import load_knn
-        from mlpmem.memory.model import check_pairing, load_memory
-
-        run = RunDir(run_dir)
-        dev = resolve_device(device)
-        model_fp = run.require("train-lm").model_fingerprint
-        lm_dir = run_lm_dir(run.path)
-        lm = load_lm(lm_dir, dev)
-        tuned = tuned_values(run, model_fp, use_memory, use_knn)
-        memory, memory_layer = None, None
-        if use_memory:
-            memory = load_memory(run.path, dev)
-            memory_layer = check_pairing(memory.config, lm, model_fp)
-            lmbda = lmbda if lmbda is not None else tuned.lmbda if tuned.lmbda is not None else memory.config.lmbda
-        knn, knn_layer = None, None
-        if use_knn:
-            knn, datastore = load_knn(run, model_fp, k, nprobe)
-            knn_layer = key_module_path(lm, datastore.key_layer)
-            memory_t = memory.config.knn_temperature if memory is not None else None
-            knn.temperature = knn_temperature or tuned.knn_temperature or memory_t or targets_temperature(run)
-            knn_lmbda = (
-                knn_lmbda
-                if knn_lmbda is not None
-                else tuned.knn_lmbda
-                if tuned.knn_lmbda is not None
-                else DEFAULT_KNN_LMBDA
-            )
-        return cls(
-            lm, memory, lmbda or 0.0, knn, knn_lmbda or 0.0, _load_tokenizer_if_any(lm_dir), memory_layer, knn_layer
+        model = joint_model_from_run(
+            run_dir, lmbda, use_memory, use_knn, k, knn_temperature, knn_lmbda, nprobe, resolve_device(device)
         )
+        return cls(model.lm, model=model, tokenizer=_load_tokenizer_if_any(run_lm_dir(Path(run_dir))))
 
-    # mixing ----------------------------------------------------------------------------------------------------
+    # the joint model's parts -----------------------------------------------------------------------------------
+    @property
+    def lm(self) -> PreTrainedModel:
+        return self.model.lm
+
+    @property
+    def memory(self) -> nn.Module | None:
+        return self.model.memory
+
+    @property
+    def knn(self) -> KnnRetriever | None:
+        return self.model.knn
+
+    @property
+    def lmbda(self) -> float:
+        return self.model.lmbda
+
+    @property
+    def knn_lmbda(self) -> float:
+        return self.model.knn_lmbda
+
+    @property
+    def memory_layer(self) -> str | None:
+        return self.model.memory_layer
+
+    @property
+    def knn_layer(self) -> str | None:
+        return self.model.knn_layer
+
+    @property
+    def key_layers(self) -> list[str]:
+        return self.model.key_layers
+
     @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
@@ -147,60 +141,12 @@ class MemoryAugmentedLM:
     def vocab_size(self) -> int:
         return int(self.lm.config.vocab_size)
 
-    @property
-    def key_layers(self) -> list[str]:
-        """The LM modules whose outputs the mixing reads (none when nothing is mixed in)."""
-        layers = [self.memory_layer] * (self.lmbda > 0) + [self.knn_layer] * (self.knn_lmbda > 0)
-        return list(dict.fromkeys(layers))
-
-    def mix(self, logits: torch.Tensor, keys: dict[str, torch.Tensor]) -> torch.Tensor:
-        """LM logits [B, L, V] and keys {layer: [B, L, d]} of the same positions -> joint log-probs [B, L, V] fp32."""
-        components = [torch.log_softmax(logits.float(), dim=-1)]
-        weights = [1.0 - self.lmbda - self.knn_lmbda]
-        if self.lmbda > 0:
-            components.append(torch.log_softmax(self.memory(keys[self.memory_layer]).float(), dim=-1))  # [B, L, V]
-            weights.append(self.lmbda)
-        if self.knn_lmbda > 0:
-            q = keys[self.knn_layer]
-            flat = self.knn.log_probs(q.reshape(-1, q.shape[-1]), logits.shape[-1])  # [B*L, V]
-            components.append(flat.view(*logits.shape))
-            weights.append(self.knn_lmbda)
-        return mix_log_probs(components, weights)
-
-    @contextlib.contextmanager
-    def mixing(self) -> Iterator[MemoryAugmentedLM]:
-        """Within this block every forward of ``self.lm`` returns joint log-probs in place of its logits (with
-        nothing to mix, the LM is left untouched)."""
-        layers = self.key_layers
-        if not layers:
-            yield self
-            return
-        hooks = {layer: KeyHook(self.lm, layer) for layer in layers}
-
-        def replace_logits(_module: nn.Module, _args: tuple, output: Any) -> Any:
-            logits = output.logits if hasattr(output, "logits") else output[0]  # [B, L', V], L' <= L
-            keys = {layer: hook.keys[:, -logits.shape[1] :] for layer, hook in hooks.items()}  # the last L' positions
-            with torch.no_grad():
-                mixed = self.mix(logits, keys)
-            if hasattr(output, "logits"):
-                output.logits = mixed
-                return output
-            return (mixed, *output[1:])
-
-        with contextlib.ExitStack() as stack:
-            for hook in hooks.values():
-                stack.enter_context(hook)
-            handle = self.lm.register_forward_hook(replace_logits)
-            stack.callback(handle.remove)
-            yield self
-
     @torch.inference_mode()
     def joint_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Joint log-probs [B, T, V] of the next token at every position of ``input_ids`` [B, T] (one forward)."""
-        with self.mixing():
-            out = self.lm(
-                input_ids=input_ids.to(self.device), attention_mask=_to(attention_mask, self.device), use_cache=False
-            )
+        out = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=_to(attention_mask, self.device), use_cache=False
+        )
         if not self.key_layers:
             return torch.log_softmax(out.logits.float(), dim=-1)
         return out.logits
@@ -221,8 +167,8 @@ class MemoryAugmentedLM:
             generate_kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         if isinstance(prompts, torch.Tensor):
             self.check_length(prompts.shape[-1], generate_kwargs)
-            with self.mixing(), torch.inference_mode():
-                return self.lm.generate(prompts.to(self.device), **_moved(generate_kwargs, self.device))
+            with torch.inference_mode():
+                return self.model.generate(prompts.to(self.device), **_moved(generate_kwargs, self.device))
         if self.tokenizer is None:
             raise UsageError("this LM has no tokenizer in its folder; pass input_ids instead of text")
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -232,8 +178,8 @@ class MemoryAugmentedLM:
         if (batch["attention_mask"].sum(1) == 0).any():
             raise UsageError("a prompt gives no tokens with this tokenizer", field="prompt")
         self.check_length(batch["input_ids"].shape[1], generate_kwargs)
-        with self.mixing(), torch.inference_mode():
-            out = self.lm.generate(
+        with torch.inference_mode():
+            out = self.model.generate(
                 batch["input_ids"].to(self.device),
                 attention_mask=batch["attention_mask"].to(self.device),
                 **generate_kwargs,
@@ -296,6 +242,52 @@ def _load_tokenizer_if_any(lm_dir: Path) -> PreTrainedTokenizerBase | None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def joint_model_from_run(
+    run_dir: str | Path,
+    lmbda: float | None = None,
+    use_memory: bool = True,
+    use_knn: bool = False,
+    k: int = 256,
+    knn_temperature: float | None = None,
+    knn_lmbda: float | None = None,
+    nprobe: int | None = None,
+    device: torch.device | str = "cpu",
+) -> MemoryAugmentedForCausalLM:
+    """The run's joint model (see ``MemoryAugmentedLM.from_run`` for the defaults and the refusals)."""
+    from mlpmem.knn.retriever import load_knn
+    from mlpmem.memory.model import check_pairing, load_memory
+
+    run = RunDir(run_dir)
+    model_fp = run.require("train-lm").model_fingerprint
+    lm = load_lm(run_lm_dir(run.path), device)
+    tuned = tuned_values(run, model_fp, use_memory, use_knn)
+    memory, memory_layer = None, None
+    if use_memory:
+        memory = load_memory(run.path, device)
+        memory_layer = check_pairing(memory.config, lm, model_fp)
+        lmbda = lmbda if lmbda is not None else tuned.lmbda if tuned.lmbda is not None else memory.config.lmbda
+    knn, knn_layer, settings = None, None, None
+    if use_knn:
+        knn, datastore = load_knn(run, model_fp, k, nprobe)
+        knn_layer = key_module_path(lm, datastore.key_layer)
+        memory_t = memory.config.knn_temperature if memory is not None else None
+        knn.temperature = knn_temperature or tuned.knn_temperature or memory_t or targets_temperature(run)
+        if knn_lmbda is None:
+            knn_lmbda = tuned.knn_lmbda if tuned.knn_lmbda is not None else DEFAULT_KNN_LMBDA
+        settings = {"run_dir": str(run.path.resolve()), "nprobe": nprobe}
+    return MemoryAugmentedForCausalLM.from_parts(
+        lm,
+        memory,
+        lmbda or 0.0,
+        knn,
+        knn_lmbda or 0.0,
+        memory_layer=memory_layer,
+        knn_layer=knn_layer,
+        knn_settings=settings,
+        base_model_fingerprint=model_fp,
+    )
 
 
 @dataclass

@@ -1,0 +1,109 @@
+"""``mlpmem lm-eval``: lm-evaluation-harness on the exported model's base LM and on the LM + memory.
+
+Two local tasks shipped in ``harness_tasks/`` (a multiple-choice task and a loglikelihood_rolling task over the
+tiny word vocabulary, no download). Every loglikelihood lm-eval computes must equal mlpmem's own scorer on the
+same tokens: the forward core's per-position log p_LM(gold), the memory's log p_mem(gold) from the same forward's
+keys, mixed by ``mix_log_probs`` as ``mlpmem evaluate`` does. The scorer keeps keys in float16 (as evaluate does, to
+hold a split's keys in RAM) while the joint model feeds float32 keys to the memory: with this deliberately peaked
+memory (head x 40) that moves a loglikelihood by up to ~3e-4, hence the looser tolerance with the memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlpmem.cli import main
+from mlpmem.config import LmEvalConfig
+from mlpmem.evaluate.scoring import memory_log_prob, score_tokens
+from mlpmem.inference.mixing import mix_log_probs
+
+from gen_inputs import exported, generation_run_template  # noqa: F401
+
+pytest.importorskip("lm_eval")
+
+from mlpmem.evaluate.harness import lm_eval_side_by_side, load_exported  # noqa: E402
+
+TASKS = Path(__file__).parent / "harness_tasks"
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory) -> Path:
+    """The shipped task YAMLs with their data folder filled in."""
+    folder = tmp_path_factory.mktemp("tasks")
+    for data in TASKS.glob("*.jsonl"):
+        shutil.copy(data, folder / data.name)
+    for template in TASKS.glob("*.yaml.in"):
+        (folder / template.name.removesuffix(".in")).write_text(template.read_text().replace("DATA_DIR", str(folder)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def side_by_side(exported, tasks_dir):
+    config = LmEvalConfig(
+        model=str(exported),
+        tasks=["mlpmem_tiny_mc", "mlpmem_tiny_rolling"],
+        include_path=tasks_dir,
+        batch_size=2,
+        device="cpu",
+    )
+    return lm_eval_side_by_side(config)
+
+
+def own_loglikelihood(model, context: list[int], continuation: list[int], memory: bool) -> float:
+    """Σ log p(continuation | context) by mlpmem's scorer: one window over context + continuation."""
+    tokens = np.asarray(context + continuation, dtype=np.int64)
+    layers = [model.memory_layer] if memory else []
+    scored = score_tokens(model.lm, tokens, len(tokens), len(tokens), 1, layers)  # positions 0 .. n-2
+    parts = [torch.from_numpy(scored.lm_log_prob).double()]
+    if memory:
+        mem = memory_log_prob(model.memory, scored.keys[model.memory_layer], scored.gold)
+        parts = mix_log_probs([parts[0], torch.from_numpy(mem).double()], [1 - model.lmbda, model.lmbda])
+        parts = [parts]
+    return float(parts[0][-len(continuation) :].sum())
+
+
+@pytest.mark.parametrize("system", ["base", "mlp-memory"])
+def test_lm_eval_loglikelihoods_equal_mlpmems_own_scorer(side_by_side, exported, system):
+    model = load_exported(exported)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    tol = 1e-4 if system == "base" else 2e-3
+    samples = side_by_side.results[system]["samples"]
+    checked = 0
+    for sample in samples["mlpmem_tiny_mc"]:
+        for (context, continuation), (ll, _greedy) in zip(sample["arguments"], sample["filtered_resps"]):
+            ours = own_loglikelihood(model, ids(context), ids(continuation), memory=system == "mlp-memory")
+            assert float(ll) == pytest.approx(ours, abs=tol)
+            checked += 1
+    for sample in samples["mlpmem_tiny_rolling"]:
+        text = sample["doc"]["text"]
+        ours = own_loglikelihood(model, [tokenizer.eos_token_id], ids(text), memory=system == "mlp-memory")
+        assert float(sample["filtered_resps"][0]) == pytest.approx(ours, abs=tol)
+        checked += 1
+    assert checked == 4 * 3 + 3
+
+
+def test_the_two_systems_differ_and_the_table_has_every_metric(side_by_side):
+    metrics = {(task, metric) for task, metric, _, _ in side_by_side.rows}
+    assert ("mlpmem_tiny_mc", "acc") in metrics and ("mlpmem_tiny_rolling", "word_perplexity") in metrics
+    rolling = {m: (b, w) for t, m, b, w in side_by_side.rows if t == "mlpmem_tiny_rolling"}
+    assert rolling["word_perplexity"][0] != rolling["word_perplexity"][1]
+
+
+def test_cli_prints_both_systems_and_refuses_unknown_tasks(exported, tasks_dir, tmp_path, capsys):
+    out_path = tmp_path / "lm-eval.json"
+    argv = ["lm-eval", "--model", str(exported), "--include-path", str(tasks_dir), "--device", "cpu"]
+    assert main([*argv, "--tasks", "mlpmem_tiny_mc", "--limit", "2", "--out-path", str(out_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["task", "metric", "base", "+", "memory", "diff"]
+    assert lines[1].split()[:2] == ["mlpmem_tiny_mc", "acc"] and out_path.is_file()
+    assert main([*argv, "--tasks", "no_such_task"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tasks" in err and "no_such_task" in err
