@@ -1,29 +1,33 @@
 """The joint model as a native HF causal LM, exported and loaded back through the Auto classes.
 
 References are independent of ``mlpmem.inference``: a plain forward hook on the memory's key module, the memory's
-and the LM's softmax mixed in probability space, the NLL and argmax computed here.
+and the LM's softmax mixed in probability space, the NLL and argmax computed here; for ``export --knn``, p_kNN from
+an exact numpy search over the run's stored datastore keys.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, Trainer, TrainingArguments, pipeline
 
 import mlpmem
+from mlpmem.artifacts import RunDir
 from mlpmem.cli import main
 from mlpmem.errors import UsageError
 from mlpmem.inference.generation import MemoryAugmentedLM
 from mlpmem.inference.joint import MemoryAugmentedForCausalLM
 
 from conftest import tiny_gpt2
-from gen_inputs import MEMORY_LAYER, exported, generation_run, generation_run_template  # noqa: F401
+from gen_inputs import KNN_LAYER, MEMORY_LAYER, exported, generation_run, generation_run_template  # noqa: F401
 
 PROMPT = torch.tensor([[5, 6, 7, 8, 40, 41]])
 ROWS = torch.tensor([[5, 6, 7, 8, 40, 41, 3, 9], [11, 12, 13, 2, 2, 70, 71, 72]])
@@ -149,8 +153,6 @@ def test_a_destination_that_is_not_an_export_is_refused(generation_run, tmp_path
 
 @pytest.fixture
 def export_copy(exported, tmp_path) -> Path:
-    import shutil
-
     return Path(shutil.copytree(exported, tmp_path / "model"))
 
 
@@ -175,3 +177,102 @@ def test_a_config_with_lambda_outside_0_1_is_refused(export_copy):
     (export_copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match="λ"):
         load(export_copy)
+
+
+# mlpmem export --knn: the folder also mixes in kNN-LM from the run's datastore and index -------------------------
+def export_knn(run: Path, out: Path) -> Path:
+    """``mlpmem export --knn`` of ``run`` (memory λ = 0.4, k = 48; kNN-LM λ and T left to their defaults)."""
+    argv = ["export", "--run-dir", str(run), "--out", str(out), "--lmbda", "0.4", "--knn", "--k", "48"]
+    assert main(argv) == 0
+    config = json.loads((out / "generation_config.json").read_text())
+    config["eos_token_id"] = None  # every generation runs its full length
+    (out / "generation_config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_knn(generation_run_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_knn(generation_run_template, tmp_path_factory.mktemp("export-knn") / "model")
+
+
+def brute_force_knn(folder: Path, model: MemoryAugmentedForCausalLM, ids: torch.Tensor) -> np.ndarray:
+    """Joint probabilities [B, T, V] float64: (1 − λ − λ_kNN)·p_LM + λ·p_mem + λ_kNN·p_kNN with the λs, k and T
+    read from the folder's config.json; p_kNN by exact search (numpy) over the run's stored datastore keys."""
+    config = json.loads((folder / "config.json").read_text())
+    knn = config["knn"]
+    lmbda, knn_lmbda, k, temperature = config["lmbda"], knn["knn_lmbda"], knn["k"], knn["knn_temperature"]
+    captured = {}
+    hooks = [
+        model.lm.get_submodule(layer).register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o))
+        for name, layer in (("mem", MEMORY_LAYER), ("knn", KNN_LAYER))
+    ]
+    with torch.no_grad():
+        p_lm = torch.softmax(model.lm(ids, use_cache=False).logits.double(), -1).numpy()
+        p_mem = torch.softmax(model.memory(captured["mem"]).double(), -1).numpy()
+    for hook in hooks:
+        hook.remove()
+    run = RunDir(knn["run_dir"])
+    keys = np.asarray(run.array("datastore", "keys"), dtype=np.float64)  # [N, d]
+    values = np.asarray(run.array("datastore", "values"), dtype=np.int64)  # [N]
+    queries = captured["knn"].double().numpy().reshape(-1, keys.shape[1])  # [B*T, d]
+    dists = ((queries[:, None, :] - keys[None, :, :]) ** 2).sum(-1)  # [B*T, N] squared L2
+    order = np.argsort(dists, axis=1, kind="stable")
+    ranked = np.take_along_axis(dists, order, axis=1)
+    # the k nearest must be unambiguous: no (near-)tie at the k-th distance between entries of different values
+    # (the datastore holds equal keys: every window's first position sees one token)
+    band = np.abs(ranked - ranked[:, k - 1 : k]) <= 1e-3  # [B*T, N], contiguous around rank k - 1
+    straddles = band[:, :k].any(1) & band[:, k:].any(1)
+    for row in np.flatnonzero(straddles):
+        assert len(np.unique(values[order[row][band[row]]])) == 1, "a tie at the k-th neighbour: choose another k"
+    near, d = order[:, :k], ranked[:, :k]
+    w = np.exp(-(d - d[:, :1]) / temperature)
+    w /= w.sum(1, keepdims=True)
+    p_knn = np.zeros((len(queries), p_lm.shape[-1]))
+    np.add.at(p_knn, (np.arange(len(queries))[:, None], values[near]), w)
+    p_knn = p_knn.reshape(p_lm.shape)
+    return (1 - lmbda - knn_lmbda) * p_lm + lmbda * p_mem + knn_lmbda * p_knn
+
+
+def test_knn_export_logits_are_the_probability_space_mixture(exported_knn, generation_run_template):
+    model = load(exported_knn)
+    config = json.loads((exported_knn / "config.json").read_text())
+    assert config["knn"]["run_dir"] == str(generation_run_template.resolve())
+    assert (config["lmbda"], config["knn"]["knn_lmbda"], config["knn"]["k"]) == (0.4, 0.25, 48)
+    assert config["knn"]["knn_temperature"] == 5.0  # no evaluate stage: the memory's T
+    assert (model.lmbda, model.knn_lmbda) == (0.4, 0.25) and model.knn is not None
+    with torch.no_grad():
+        out = model(ROWS, labels=ROWS)
+    p = brute_force_knn(exported_knn, model, ROWS)
+    np.testing.assert_allclose(out.logits.double().exp().numpy(), p, rtol=1e-5, atol=1e-7)
+    nll = -np.log(np.take_along_axis(p[:, :-1], ROWS[:, 1:, None].numpy(), -1)).mean()
+    assert float(out.loss) == pytest.approx(nll, rel=1e-5)
+    memory_only = brute_force(model, ROWS).numpy()  # (1 − λ)·p_LM + λ·p_mem
+    assert np.abs(p - memory_only).max() > 0.05, "kNN-LM should visibly change this tiny model's distribution"
+
+
+def test_knn_export_greedy_generate_is_the_argmax_of_the_full_forward(exported_knn, exported):
+    model = load(exported_knn)
+    out = model.generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0)[0]
+    clear = 0
+    for t in range(PROMPT.shape[1], out.shape[0]):
+        ref = np.log(brute_force_knn(exported_knn, model, out[None, :t])[0, -1])
+        top2 = np.sort(ref)[-2:]
+        if top2[1] - top2[0] > 1e-4:
+            assert int(out[t]) == int(ref.argmax()), f"step {t - PROMPT.shape[1]}"
+            clear += 1
+    assert clear >= 10
+    memory_only = load(exported).generate(PROMPT, max_new_tokens=12, do_sample=False, pad_token_id=0)[0]
+    assert not torch.equal(out, memory_only), "kNN-LM should change some choices of this tiny model"
+
+
+@pytest.mark.parametrize(
+    "gone", ["index", "index/index.faiss", "datastore", "datastore/values.bin", "datastore/keys.bin"]
+)
+def test_knn_export_whose_run_lost_its_index_or_datastore_is_refused(generation_run, tmp_path, gone):
+    folder = export_knn(generation_run, tmp_path / "model")
+    path = generation_run / gone
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with pytest.raises(UsageError) as err:
+        load(folder)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message, message
