@@ -20,6 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		$(PY) -m pip install -q torch==$(TORCH_VERSION); \
 	fi
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# the test extras (pytest, ruff, lm-eval, datasets) only for the commands that need them
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
@@ -29,14 +34,14 @@ demo: install
 	$(VENV)/bin/mlpmem run demo
 	@echo "the mlpmem command: $(VENV)/bin/mlpmem, or run 'source $(VENV)/bin/activate' first"
 
-lint: install
+lint: $(VENV)/.installed-test
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
 
 test: lint
 	$(PY) -m pytest -q
 
-test-slow: install
+test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m slow
 
 clean-demo:
