@@ -146,6 +146,20 @@ def test_layer_equals_naive_per_token_loop(name, mode):
     assert (out.routed.sum(-1) == layer.config.topk).all()
 
 
+def test_layer_gradients_agree_between_chunked_and_recurrent_forms():
+    layer = make_layer("mom")
+    x = torch.randn(2, 9, 8, dtype=torch.float64)  # [B, T, D]
+    grads = []
+    for mode in ("chunk", "recurrent"):
+        layer.zero_grad()
+        out = layer(x, mode=mode)
+        (out.hidden.square().sum() + out.state.memory.sum() + out.aux_loss).backward()
+        grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
+    assert set(grads[0]) == {n for n, _ in layer.named_parameters()}  # every parameter is trained
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-9, atol=1e-10, msg=n)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_decoding_with_the_state_equals_the_full_forward(name):
     layer = make_layer(name, dtype=torch.float32)
