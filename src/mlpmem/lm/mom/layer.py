@@ -6,7 +6,7 @@ Per token x_t [D], with H heads, M routed memories (+ one shared memory that see
     q_t = l2norm(silu(conv(W_q x_t))) / sqrt(dk)                       shared by every memory
     k_t^m = l2norm(silu(conv(W_k^m x_t))),  v_t^m = silu(conv(W_v^m x_t))
     a_t^m = exp(-exp(A_log^m) softplus(W_a^m x_t + dt_bias^m)),  b_t^m = sigmoid(W_b^m x_t)
-    memory m at token t, if routed (g_t^m > 0) or shared: the gated delta rule (rule.py); else a = 1, b = 0 (unchanged)
+    memory m at token t, if in the top-k or shared: the gated delta rule (rule.py); else a = 1, b = 0 (unchanged)
     o_t = sum_m g_t^m (S_t^m)^T q_t  (+ (S_t^shared)^T q_t)
     y_t = W_o (RMSNorm(o_t) * silu(W_g x_t))                            (norm per head over dv)
 
