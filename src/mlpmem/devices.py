@@ -22,11 +22,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+        raise UsageError(f"{name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)", field="device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+        raise UsageError(f"{name}: CUDA is not available on this machine (use cpu or auto)", field="device")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available on this machine (use --device cpu or auto)")
+        raise UsageError(f"{name}: MPS is not available on this machine (use cpu or auto)", field="device")
     return device
 
 

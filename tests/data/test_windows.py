@@ -24,5 +24,6 @@ def test_stride_equal_to_context_gives_disjoint_windows():
 
 
 def test_bad_stride_is_a_usage_error():
-    with pytest.raises(UsageError, match="--stride"):
+    with pytest.raises(UsageError, match="stride") as err:
         sliding_windows(10, 4, 5)
+    assert err.value.field == "stride"

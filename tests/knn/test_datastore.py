@@ -158,8 +158,9 @@ def test_nan_keys_stop_the_stage(tiny_run, monkeypatch):
 
 
 def test_unknown_key_layer_names_the_flag(tiny_run):
-    with pytest.raises(UsageError, match="--key-layer 'transformer.h.9.ln_2'"):
+    with pytest.raises(UsageError, match="'transformer.h.9.ln_2': the model has no such module") as err:
         build_datastore(DatastoreConfig(run_dir=tiny_run, key_layer="transformer.h.9.ln_2"))
+    assert err.value.for_cli().startswith("--key-layer: ")
 
 
 @pytest.mark.slow

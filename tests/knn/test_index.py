@@ -109,8 +109,9 @@ def test_search_mismatches_are_refused(tmp_path):
     index, _ = load_index(tmp_path)
     with pytest.raises(UsageError, match="query width 16 does not match the index dimension 8"):
         search(index, np.zeros((3, 16), np.float32), k=2)
-    with pytest.raises(UsageError, match=r"--k \(101\) is larger than the datastore \(100 entries\)"):
+    with pytest.raises(UsageError, match=r"k \(101\) is larger than the datastore \(100 entries\)") as err:
         search(index, np.zeros((3, 8), np.float32), k=101)
+    assert err.value.field == "k" and err.value.for_cli().startswith("--k: ")
 
 
 def test_bad_factory_is_one_line(tmp_path):

@@ -182,7 +182,7 @@ def local_corpus(path: Path, valid_fraction: float, test_fraction: float, includ
     files are carved into splits (``carve_documents``)."""
     if path.is_file():
         if include:
-            raise UsageError(f"--include selects files in a corpus directory; {path} is a file", field="include")
+            raise UsageError(f"selects files in a corpus directory; {path} is a file", field="include")
         return Corpus(carve(read_text(path), valid_fraction, test_fraction), f"text file {path}")
     files = corpus_files(path, include)
     docs = read_documents(path, files)

@@ -28,7 +28,7 @@ class Window:
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     """Windows covering positions 0 .. n_tokens - 2, each scored once (see module docstring)."""
     if stride > context:
-        raise UsageError(f"--stride ({stride}) must not exceed --context ({context})")
+        raise UsageError(f"stride ({stride}) must not exceed the context ({context})", field="stride")
     if n_tokens < 2:
         raise UsageError(f"need at least 2 tokens to score, got {n_tokens}")
     windows, begin, next_pos = [], 0, 0

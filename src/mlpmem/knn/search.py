@@ -23,7 +23,7 @@ def search(
             "(another key layer or model?)"
         )
     if k > index.ntotal:
-        raise UsageError(f"--k ({k}) is larger than the datastore ({index.ntotal} entries)")
+        raise UsageError(f"k ({k}) is larger than the datastore ({index.ntotal} entries)", field="k")
     if nprobe is not None:
         set_nprobe(index, nprobe)
     n = queries.shape[0]

@@ -68,7 +68,7 @@ def key_module_path(model: PreTrainedModel, key_layer: str | None = None, depth:
     try:
         model.get_submodule(key_layer)
     except AttributeError:
-        raise UsageError(f"--key-layer {key_layer!r}: the model has no such module") from None
+        raise UsageError(f"{key_layer!r}: the model has no such module", field="key_layer") from None
     return key_layer
 
 
