@@ -13,7 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from mlpmem.artifacts import RunDir
+from mlpmem.cli import main
+from mlpmem.config import TrainLMConfig
+from mlpmem.errors import UsageError
 from mlpmem.lm.mom import MoMCache, MoMForCausalLM, MoMLMConfig
+from mlpmem.lm.train import build_model, check_inputs
+from test_e2e_pipeline import TINY_PIPELINE, write_config
 
 V = 40
 SIZES = dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_heads=2, chunk_size=4)
@@ -130,3 +136,41 @@ def test_import_mlpmem_is_light_and_registers_the_model(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["mlpmem-mom", "MoMForCausalLM"]
+
+
+# train-lm --arch --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "mom", "gated-deltanet"])
+def test_build_model_builds_the_chosen_architecture(arch, tmp_path):
+    config = TrainLMConfig(run_dir=tmp_path, arch=arch, n_layer=2, n_head=2, n_embd=16, n_memories=3, top_k=1)
+    model = build_model(config, 50, "unused")
+    assert model.config.model_type == {"gpt2": "gpt2"}.get(arch, "mlpmem-mom")
+    if arch != "gpt2":
+        expected = (3, 1, True) if arch == "mom" else (1, 1, False)
+        c = model.config
+        assert (c.num_memories, c.topk, c.shared_memory) == expected
+        assert (c.hidden_size, c.num_hidden_layers, c.num_heads, c.vocab_size) == (16, 2, 2, 50)
+
+
+def test_train_lm_refuses_top_k_above_the_memories(tmp_path):
+    config = TrainLMConfig(run_dir=tmp_path, arch="mom", n_memories=2, top_k=3, context=8)
+    with pytest.raises(UsageError) as err:
+        check_inputs(config, torch.zeros(100).numpy())
+    assert err.value.field == "top_k"
+
+
+def test_train_lm_config_without_arch_keeps_its_identity(tmp_path):
+    """A stage built before --arch existed is still reusable: a missing field counts as its default."""
+    config = TrainLMConfig(run_dir=tmp_path)
+    recorded = {k: v for k, v in config.model_dump(mode="json").items() if k not in {"arch", "n_memories", "top_k"}}
+    assert TrainLMConfig.identity_of(recorded) == config.identity()
+
+
+def test_pipeline_runs_end_to_end_on_a_mom_base_lm(tmp_path):
+    path = write_config(tmp_path, tmp_path / "run", train_lm={**TINY_PIPELINE["train_lm"], "arch": "mom"})
+    assert main(["run", str(path)]) == 0
+    run = RunDir(tmp_path / "run")
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "train-lm" / "model")
+    assert type(lm) is MoMForCausalLM and lm.config.num_memories == 4
+    systems = {s.name: s for s in run.require("evaluate").systems}
+    assert set(systems) == {"base", "knn-lm", "mlp-memory", "mlp-memory+knn-lm"}
+    assert all(s.valid_ppl > 1 and s.test_ppl > 1 for s in systems.values())
