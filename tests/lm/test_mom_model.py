@@ -17,6 +17,7 @@ from mlpmem.artifacts import RunDir
 from mlpmem.cli import main
 from mlpmem.config import TrainLMConfig
 from mlpmem.errors import UsageError
+from mlpmem.inference.generation import MemoryAugmentedLM
 from mlpmem.lm.mom import MoMCache, MoMForCausalLM, MoMLMConfig
 from mlpmem.lm.train import build_model, check_inputs
 from test_e2e_pipeline import TINY_PIPELINE, write_config
@@ -174,3 +175,9 @@ def test_pipeline_runs_end_to_end_on_a_mom_base_lm(tmp_path):
     systems = {s.name: s for s in run.require("evaluate").systems}
     assert set(systems) == {"base", "knn-lm", "mlp-memory", "mlp-memory+knn-lm"}
     assert all(s.valid_ppl > 1 and s.test_ppl > 1 for s in systems.values())
+    # generation through the joint model (MoM + memory + kNN-LM): the cache changes nothing, greedy or beams
+    mlm = MemoryAugmentedLM.from_run(tmp_path / "run")
+    prompt = torch.tensor([[5, 17, 42, 7]])
+    for kwargs in (dict(do_sample=False), dict(num_beams=3)):
+        with_cache, without = (mlm.generate(prompt, max_new_tokens=6, use_cache=c, **kwargs) for c in (True, False))
+        assert torch.equal(with_cache, without), kwargs

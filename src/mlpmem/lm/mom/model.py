@@ -24,6 +24,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from mlpmem.errors import UsageError
 from mlpmem.lm.mom.configuration import MoMLMConfig
 from mlpmem.lm.mom.layer import MoMConfig, MoMLayer, MoMState, RMSNorm
 
@@ -168,6 +169,11 @@ class MoMModel(MoMPreTrainedModel):
         if mask is not None and bool(mask.all()):
             mask = None
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if past_key_values is not None and not isinstance(past_key_values, MoMCache):
+            # a wrapper's generate (the joint model's) may hand over the empty DynamicCache it made
+            if past_key_values.get_seq_length() > 0:
+                raise UsageError(f"a MoM model continues from a MoMCache, not a {type(past_key_values).__name__}")
+            past_key_values = None
         cache = past_key_values if past_key_values is not None else MoMCache(len(self.layers))
         aux = x.new_zeros((), dtype=torch.float32)
         for i, block in enumerate(self.layers):
