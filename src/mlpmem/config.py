@@ -61,7 +61,9 @@ class StageConfig(BaseModel):
         if config is None:
             return None
         data = config.model_dump(mode="json") if isinstance(config, BaseModel) else dict(config)
-        return {k: v for k, v in data.items() if k in cls.identity_fields()}
+        # a field added after the stage was built counts as its default (which keeps the old behaviour)
+        defaults = cls.model_construct().model_dump(mode="json", include=cls.identity_fields())
+        return {k: data.get(k, defaults.get(k)) for k in cls.identity_fields() if k in data or k in defaults}
 
 
 class PrepareConfig(StageConfig):
@@ -92,13 +94,22 @@ class PrepareConfig(StageConfig):
 
 class TrainLMConfig(StageConfig):
     model: str | None = Field(
-        None, description="HF id or path of a causal LM to continue training; none: GPT-2 from scratch"
+        None, description="HF id or path of a causal LM to continue training; none: a new model of --arch"
     )
-    n_layer: int = Field(4, ge=1, description="layers of a from-scratch GPT-2")
-    n_head: int = Field(4, ge=1, description="attention heads of a from-scratch GPT-2")
-    n_embd: int = Field(256, ge=8, description="width of a from-scratch GPT-2")
+    arch: Literal["gpt2", "mom", "gated-deltanet"] = Field(
+        "gpt2",
+        description="architecture of a from-scratch LM: gpt2 (transformer), mom (Mixture-of-Memories), "
+        "gated-deltanet (MoM with one memory and no router)",
+    )
+    n_layer: int = Field(4, ge=1, description="layers of a from-scratch LM")
+    n_head: int = Field(4, ge=1, description="attention heads (MoM: heads of each memory) of a from-scratch LM")
+    n_embd: int = Field(256, ge=8, description="width of a from-scratch LM")
+    n_memories: int = Field(4, ge=1, description="routed memories per MoM layer (arch mom)")
+    top_k: int = Field(2, ge=1, description="memories each token is routed to (arch mom; at most n_memories)")
+    shared_memory: bool = Field(True, description="a memory every token also uses, besides the routed ones (arch mom)")
+    aux_loss_weight: float = Field(0.01, ge=0, description="weight of MoM's load-balancing loss in the training loss")
     context: int = Field(256, ge=8, description="training window in tokens (positions of a from-scratch GPT-2)")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout of a from-scratch GPT-2")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout of a from-scratch GPT-2 (MoM has none)")
     batch_size: int = Field(16, ge=1, description="windows per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_steps: int = Field(1000, ge=1, description="optimizer steps")

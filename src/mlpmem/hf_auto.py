@@ -1,7 +1,8 @@
 """Register mlpmem's classes with transformers' Auto classes, without making ``import mlpmem`` import transformers.
 
-After ``import mlpmem``, ``AutoConfig`` / ``AutoModel`` load memory folders (``mlp-memory``) and ``AutoConfig`` /
-``AutoModel`` / ``AutoModelForCausalLM`` / ``pipeline`` load exported joint models (``mlpmem``).
+After ``import mlpmem``, ``AutoConfig`` / ``AutoModel`` load memory folders (``mlp-memory``), ``AutoConfig`` /
+``AutoModel`` / ``AutoModelForCausalLM`` / ``pipeline`` load exported joint models (``mlpmem``), and ``AutoConfig`` /
+``AutoModelForCausalLM`` load MoM and Gated DeltaNet LMs (``mlpmem-mom``).
 
 Importing transformers and torch costs seconds, which ``mlpmem --help`` must not pay, so ``watch`` registers
 each Auto class right after transformers defines it: when the module holding it (``configuration_auto``,
@@ -27,15 +28,17 @@ MODELING_AUTO = "transformers.models.auto.modeling_auto"
 
 
 def register_configs() -> None:
-    """AutoConfig: ``mlp-memory`` and ``mlpmem`` (each module registers its classes when it loads)."""
+    """AutoConfig: ``mlp-memory``, ``mlpmem`` and ``mlpmem-mom`` (each module registers its classes when it loads)."""
     importlib.import_module("mlpmem.memory.configuration")
     importlib.import_module("mlpmem.inference.configuration")
+    importlib.import_module("mlpmem.lm.mom.configuration")
 
 
 def register_models() -> None:
-    """AutoModel: the memory and the joint model; AutoModelForCausalLM: the joint model."""
+    """AutoModel: the memory and the joint model; AutoModelForCausalLM: the joint model and the MoM LM."""
     importlib.import_module("mlpmem.memory.model")
     importlib.import_module("mlpmem.inference.joint")
+    importlib.import_module("mlpmem.lm.mom.model")
 
 
 class _RunAfter(importlib.abc.Loader):

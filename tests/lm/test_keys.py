@@ -8,6 +8,7 @@ import transformers as tf
 
 from mlpmem.errors import UsageError
 from mlpmem.lm.keys import KEY_MODULES, KeyHook, key_dim, key_module_path
+from mlpmem.lm.mom.configuration import MoMLMConfig
 
 SMALL = dict(vocab_size=96, max_position_embeddings=64, num_hidden_layers=2, num_attention_heads=2)
 CONFIGS = {
@@ -21,6 +22,7 @@ CONFIGS = {
     "llama": lambda: tf.LlamaConfig(hidden_size=32, intermediate_size=64, **SMALL),
     "mistral": lambda: tf.MistralConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=2, **SMALL),
     "qwen2": lambda: tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_key_value_heads=2, **SMALL),
+    "mlpmem-mom": lambda: MoMLMConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_heads=2),
 }
 # the feed-forward module of the last block, whose *input* the key must be
 FFN_MODULES = {
@@ -30,6 +32,7 @@ FFN_MODULES = {
     "llama": "model.layers.1.mlp",
     "mistral": "model.layers.1.mlp",
     "qwen2": "model.layers.1.mlp",
+    "mlpmem-mom": "model.layers.1.ffn",
 }
 
 

@@ -2,7 +2,8 @@
 
 kNN-LM (Khandelwal et al. 2020) found this the best key: the output of the last block's second norm
 (``ln_2`` in GPT-2, ``post_attention_layernorm`` in Llama/Mistral/Qwen2/GPT-NeoX, ``final_layer_norm`` in
-OPT). One table maps the HF ``config.model_type`` to that module; ``--key-layer`` names any other module.
+OPT, ``ffn_norm`` in mlpmem's MoM LM). One table maps the HF ``config.model_type`` to that module; ``--key-layer``
+names any other module.
 
     with KeyHook(model) as hook:
         model(input_ids)
@@ -27,6 +28,7 @@ KEY_MODULES: dict[str, str] = {
     "llama": "model.layers.{block}.post_attention_layernorm",
     "mistral": "model.layers.{block}.post_attention_layernorm",
     "qwen2": "model.layers.{block}.post_attention_layernorm",
+    "mlpmem-mom": "model.layers.{block}.ffn_norm",  # MoM and Gated DeltaNet (mlpmem.lm.mom.model)
 }
 
 # OPT-350m style (do_layer_norm_before=False) normalises after the sub-layers: there the feed-forward input is

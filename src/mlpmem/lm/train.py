@@ -1,6 +1,8 @@
-"""``mlpmem train-lm``: train a GPT-2 from scratch, or continue training any HF causal LM, on a prepared run.
+"""``mlpmem train-lm``: train a GPT-2, MoM or Gated DeltaNet from scratch, or continue training any HF causal LM,
+on a prepared run.
 
     mlpmem train-lm --run-dir runs/demo --n-layer 4 --n-embd 256 --max-steps 1000
+    mlpmem train-lm --run-dir runs/mom --arch mom --n-memories 4 --top-k 2 --max-steps 1000
 
 Resumes from its last checkpoint after a kill; multi-GPU through `accelerate launch` (each rank draws its own
 windows). Saved with save_pretrained to RUN/train-lm/model, so AutoModelForCausalLM.from_pretrained loads it.
@@ -47,23 +49,51 @@ def random_windows(tokens: np.ndarray, context: int, batch_size: int, rng: np.ra
     return torch.from_numpy(np.stack([tokens[s : s + context + 1].astype(np.int64) for s in starts]))
 
 
+def gpt2_model(config: TrainLMConfig, vocab_size: int) -> PreTrainedModel:
+    gpt2 = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=config.context,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(gpt2)
+
+
+def mom_model(config: TrainLMConfig, vocab_size: int) -> PreTrainedModel:
+    """MoM (``arch mom``) or its one-memory case Gated DeltaNet (``arch gated-deltanet``)."""
+    from mlpmem.lm.mom.configuration import MoMLMConfig
+    from mlpmem.lm.mom.model import MoMForCausalLM
+
+    sizes = dict(
+        vocab_size=vocab_size,
+        hidden_size=config.n_embd,
+        num_hidden_layers=config.n_layer,
+        num_heads=config.n_head,
+        aux_loss_weight=config.aux_loss_weight,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    if config.arch == "gated-deltanet":
+        return MoMForCausalLM(MoMLMConfig.gated_deltanet(**sizes))
+    mom = MoMLMConfig(num_memories=config.n_memories, topk=config.top_k, shared_memory=config.shared_memory, **sizes)
+    return MoMForCausalLM(mom)
+
+
+ARCHITECTURES = {"gpt2": gpt2_model, "mom": mom_model, "gated-deltanet": mom_model}
+
+
 def build_model(config: TrainLMConfig, vocab_size: int, prepared_tokenizer_fp: str) -> PreTrainedModel:
-    """A fresh GPT-2 of the configured size, or the given HF model checked against the prepared tokenizer."""
+    """A fresh model of the configured architecture and size, or the given HF model checked against the prepared
+    tokenizer."""
     if config.model is None:
         torch.manual_seed(config.seed)
-        gpt2 = GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=config.context,
-            n_embd=config.n_embd,
-            n_layer=config.n_layer,
-            n_head=config.n_head,
-            resid_pdrop=config.dropout,
-            embd_pdrop=config.dropout,
-            attn_pdrop=config.dropout,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        return GPT2LMHeadModel(gpt2)
+        return ARCHITECTURES[config.arch](config, vocab_size)
     if vocab_fingerprint(load_tokenizer(config.model)) != prepared_tokenizer_fp:
         raise UsageError(
             f"the run was prepared with another tokenizer than {config.model}'s; "
@@ -78,8 +108,14 @@ def build_model(config: TrainLMConfig, vocab_size: int, prepared_tokenizer_fp: s
 
 def window_loss(model: PreTrainedModel, x: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of windows x [B, context + 1] (fp32 logits)."""
-    logits = model(input_ids=x[:, :-1]).logits.float()  # [B, context, V]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+    out = model(input_ids=x[:, :-1])
+    logits = out.logits.float()  # [B, context, V]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+    aux = getattr(out, "aux_loss", None)  # MoM's load-balancing loss, weighted by its config
+    weight = getattr(getattr(model, "module", model).config, "aux_loss_weight", 0.0)
+    if aux is not None and model.training and weight:
+        loss = loss + weight * aux.float()
+    return loss
 
 
 @torch.no_grad()
@@ -104,6 +140,10 @@ def check_inputs(config: TrainLMConfig, train: np.ndarray) -> None:
         )
     if config.model is None and config.n_embd % config.n_head:
         raise UsageError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})", field="n_embd")
+    if config.model is None and config.arch == "mom" and config.top_k > config.n_memories:
+        raise UsageError(f"top_k ({config.top_k}) must not exceed n_memories ({config.n_memories})", field="top_k")
+    if config.model is not None and config.arch != "gpt2":
+        raise UsageError(f"--arch {config.arch} builds a new LM; it cannot be combined with --model", field="arch")
 
 
 def train_lm(config: TrainLMConfig) -> TrainLMManifest:
