@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlpmem.artifacts import RunDir, environment
+from mlpmem.artifacts import Environment, RunDir
 from mlpmem.config import DatastoreConfig, IndexConfig, TargetsConfig
 from mlpmem.data.windows import Window, sliding_windows
 from mlpmem.devices import resolve_device
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "targets_queries_per_s": tg.timings["queries_per_second"],
         "raw_faiss_queries_per_s": round(raw, 1),
         "targets_vs_raw_faiss": round(tg.timings["queries_per_second"] / raw, 3),
-        "environment": environment(),
+        "environment": Environment.current().model_dump(),
     }
     rows_out = [
         (

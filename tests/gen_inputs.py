@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from mlpmem.artifacts import RunDir
-from mlpmem.config import DatastoreConfig, IndexConfig, TrainLMConfig, TrainMemoryConfig
+from mlpmem.config import DatastoreConfig, EvaluateConfig, IndexConfig, TrainLMConfig, TrainMemoryConfig
 from mlpmem.lm.load import model_fingerprint
 from mlpmem.memory.model import MLPMemory, MLPMemoryConfig
 
@@ -27,6 +27,13 @@ from conftest import TINY_VOCAB, make_tiny_run, tiny_gpt2
 MEMORY_LAYER = "transformer.h.0.ln_2"  # the memory reads block 0's feed-forward input ...
 KNN_LAYER = "transformer.h.1.ln_2"  # ... the datastore the last block's
 WORDS = ["<eos>"] + [f"w{i}" for i in range(1, TINY_VOCAB)]
+
+
+def evaluate_config(run_dir: Path) -> EvaluateConfig:
+    """Evaluation of a generation run: both systems, a small T and λ grid, 32-token windows."""
+    return EvaluateConfig(
+        run_dir=run_dir, k=16, knn_temperatures=[2.0, 5.0], lmbdas=[0.1, 0.3, 0.6], context=32, stride=16, device="cpu"
+    )
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -26,6 +26,8 @@ _PUBLIC = {
     "MLPMemoryConfig": "mlpmem.memory.configuration",
     "mix_log_probs": "mlpmem.inference.mixing",
     "KnnRetriever": "mlpmem.knn.retriever",
+    "MoMForCausalLM": "mlpmem.lm.mom.model",
+    "MoMLMConfig": "mlpmem.lm.mom.configuration",
     "RunDir": "mlpmem.artifacts",
     "UsageError": "mlpmem.errors",
 }

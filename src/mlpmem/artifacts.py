@@ -185,10 +185,6 @@ class Environment(BaseModel):
         )
 
 
-def environment() -> dict[str, str | None]:
-    return Environment.current().model_dump()
-
-
 # manifests --------------------------------------------------------------------------------------------------
 def _plain_name(name: str) -> str:
     """A relative path that stays inside its folder (no absolute paths, no '..')."""
@@ -282,11 +278,10 @@ class Manifest(BaseModel):
         """Counts worth a column in the end-of-run summary (each stage's manifest names its own)."""
         return {}
 
-    def body(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"checksum"})
 
-    def compute_checksum(self) -> str:
-        return fingerprint_obj(self.body())
+def checksum(data: dict[str, Any]) -> str:
+    """A manifest's checksum: the fingerprint of its JSON without the checksum itself."""
+    return fingerprint_obj({k: v for k, v in data.items() if k != "checksum"})
 
 
 # the run directory ------------------------------------------------------------------------------------------
@@ -320,18 +315,13 @@ class RunDir:
         try:
             data = read_json(path)
             manifest = stage_spec(stage).manifest.model_validate(data)
-        except ValidationError as err:
-            e = err.errors()[0]
-            reason = f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+        except (ValueError, ValidationError) as err:
+            first = err.errors()[0] if isinstance(err, ValidationError) else None
+            reason = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else "not JSON"
             raise UsageError(
                 f"{path} is not a valid {stage} manifest ({reason}); rerun `mlpmem {stage}` or remove the folder"
             ) from None
-        except ValueError:
-            reason = "not JSON"
-            raise UsageError(
-                f"{path} is not a valid {stage} manifest ({reason}); rerun `mlpmem {stage}` or remove the folder"
-            ) from None
-        if manifest.checksum != fingerprint_obj({k: v for k, v in data.items() if k != "checksum"}):  # as written
+        if manifest.checksum != checksum(data):  # over the JSON as written
             raise UsageError(
                 f"{path} was modified or damaged (its checksum does not match); "
                 f"rerun `mlpmem {stage}` or remove the folder"
@@ -561,8 +551,9 @@ class StageBuild:
         return spec.open(self.dir, "r+")
 
     def save(self) -> None:
-        self.manifest.checksum = self.manifest.compute_checksum()
-        atomic_write_json(self.dir / MANIFEST, self.manifest.model_dump(mode="json"))
+        data = self.manifest.model_dump(mode="json", exclude={"checksum"})
+        self.manifest.checksum = data["checksum"] = checksum(data)
+        atomic_write_json(self.dir / MANIFEST, data)
 
     def complete(self, **fields: Any) -> Manifest:
         """Record file hashes, mark complete, and swap the build into place; returns the final manifest."""

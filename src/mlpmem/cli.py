@@ -226,9 +226,7 @@ def default_run_dir(config: StageConfig, command: str) -> StageConfig:
         return config
     recent = most_recent_run()
     if recent is None:
-        raise UsageError(
-            f"no run found under {RUNS_ROOT}/; pass --run-dir RUN (e.g. runs/demo after `make demo`)", field=None
-        )
+        raise UsageError(f"no run found under {RUNS_ROOT}/; pass --run-dir RUN (e.g. runs/demo after `make demo`)")
     log.info("%s: using %s (the most recent run; pass --run-dir to choose)", command, recent)
     return config.model_copy(update={"run_dir": recent})
 

@@ -66,14 +66,20 @@ def check_finite(loss: torch.Tensor, step: int, stage: str) -> None:
         )
 
 
+def non_finite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first floating-point parameter holding nan/inf, or None."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            return name
+    return None
+
+
 def check_weights_finite(model: torch.nn.Module, stage: str) -> None:
     """Refuse to save weights holding nan/inf."""
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise UsageError(
-                f"{stage}: parameter {name} holds nan/inf after training (lower --lr or --weight-decay); "
-                "nothing was saved"
-            )
+    if (name := non_finite_parameter(model)) is not None:
+        raise UsageError(
+            f"{stage}: parameter {name} holds nan/inf after training (lower --lr or --weight-decay); nothing was saved"
+        )
 
 
 def safe_exp(x: float) -> float:

@@ -22,6 +22,7 @@ from conftest import tiny_gpt2
 from gen_inputs import (  # noqa: F401
     KNN_LAYER,
     MEMORY_LAYER,
+    evaluate_config,
     generation_run,
     generation_run_template,
     tiny_memory,
@@ -135,15 +136,7 @@ def knn_row_reference(run, manifest, split, k):
 
 
 def test_memory_and_knn_rows_read_their_own_layers_and_match_independent_references(generation_run):
-    config = EvaluateConfig(
-        run_dir=generation_run,
-        k=16,
-        knn_temperatures=[2.0, 5.0],
-        lmbdas=[0.1, 0.3, 0.6],
-        context=32,
-        stride=16,
-        device="cpu",
-    )
+    config = evaluate_config(generation_run)
     manifest = evaluate(config)
     assert [s.name for s in manifest.systems] == ["base", "knn-lm", "mlp-memory", "mlp-memory+knn-lm"]
     run = RunDir(generation_run)

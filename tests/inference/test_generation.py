@@ -13,7 +13,6 @@ import torch
 
 from mlpmem.artifacts import RunDir
 from mlpmem.cli import main
-from mlpmem.config import EvaluateConfig
 from mlpmem.errors import UsageError
 from mlpmem.evaluate.run import evaluate
 from mlpmem.inference.generation import MemoryAugmentedLM, tuned_values
@@ -22,6 +21,7 @@ from mlpmem.inference.mixing import mix_log_probs
 from gen_inputs import (  # noqa: F401
     KNN_LAYER,
     MEMORY_LAYER,
+    evaluate_config,
     generation_run,
     generation_run_template,
     tiny_memory,
@@ -206,17 +206,7 @@ def test_memory_reading_a_module_the_lm_lacks_is_refused(generation_run):
 
 
 def test_tuned_values_come_from_the_evaluate_manifest_of_this_memory(generation_run):
-    manifest = evaluate(
-        EvaluateConfig(
-            run_dir=generation_run,
-            k=16,
-            knn_temperatures=[2.0, 5.0],
-            lmbdas=[0.1, 0.3, 0.6],
-            context=32,
-            stride=16,
-            device="cpu",
-        )
-    )
+    manifest = evaluate(evaluate_config(generation_run))
     run = RunDir(generation_run)
     fp = run.require("train-lm").model_fingerprint
     memory_row, knn_row, both = (manifest.system(n) for n in ("mlp-memory", "knn-lm", "mlp-memory+knn-lm"))

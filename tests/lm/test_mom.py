@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from mlpmem.errors import UsageError
-from mlpmem.lm.mom import MoMConfig, MoMLayer, load_balancing_loss, rule
+from mlpmem.lm.mom import rule
+from mlpmem.lm.mom.layer import MoMConfig, MoMLayer, load_balancing_loss
 
 SIZES = dict(num_heads=2, head_k_dim=4, head_v_dim=3, chunk_size=4)
 CONFIGS = {

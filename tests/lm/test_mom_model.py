@@ -18,7 +18,8 @@ from mlpmem.cli import main
 from mlpmem.config import TrainLMConfig
 from mlpmem.errors import UsageError
 from mlpmem.inference.generation import MemoryAugmentedLM
-from mlpmem.lm.mom import MoMCache, MoMForCausalLM, MoMLMConfig
+from mlpmem.lm.mom.configuration import MoMLMConfig
+from mlpmem.lm.mom.model import MoMCache, MoMForCausalLM
 from mlpmem.lm.train import build_model, check_inputs
 from test_e2e_pipeline import TINY_PIPELINE, write_config
 

@@ -11,7 +11,8 @@ Numbers that look good and are wrong are refused: scoring kNN-LM or the memory o
 built from (unless ``--allow-overlap``, then marked), and tuning on test (unless ``--tune-on test``, then
 marked); a λ on the edge of its grid is searched beyond it, and an edge optimum is flagged.
 
-Steps: ``plan`` (every input found, loaded and checked: nothing is touched before this passes) → ``score_split``
+Steps: ``survey`` (inputs found from manifests: a complete stage is reused without loading anything) → ``plan``
+(every input loaded and checked: nothing is touched before this passes) → ``score_split``
 (one LM pass per split, keys of the datastore's and the memory's layers from the same forward) →
 ``summarise`` (tune on valid, apply to every split) → outputs.
 """
@@ -134,11 +135,9 @@ def plan_memory(plan: Plan, run: RunDir, device) -> None:
     """The run's memory, paired with the LM evaluated (its model, module, width and vocabulary)."""
     from mlpmem.memory.model import check_pairing, load_memory
 
-    manifest = run.require("train-memory")
     memory = load_memory(run.path, device)
     plan.memory_layer = check_pairing(memory.config, plan.lm, plan.sources.model_fp)
     plan.memory = memory
-    plan.inputs["train-memory"] = manifest.fingerprint
 
 
 def plan_knn(plan: Plan, run: RunDir, config: EvaluateConfig) -> None:
@@ -153,36 +152,52 @@ def plan_knn(plan: Plan, run: RunDir, config: EvaluateConfig) -> None:
             f"but {layer!r} of the LM gives {key_dim(plan.lm, layer)}"
         )
     plan.knn, plan.knn_layer = retriever, layer
-    plan.inputs["datastore"] = datastore.fingerprint
-    plan.inputs["index"] = run.require("index").fingerprint
 
 
-def plan_evaluation(config: EvaluateConfig, run: RunDir) -> Plan:
-    """Find, load and check everything ``evaluate`` needs (UsageError, one line, on the first problem)."""
+@dataclass
+class Survey:
+    """What ``evaluate`` will score, found from manifests alone (no weights loaded): the sources, which systems,
+    an overlap allowed by ``--allow-overlap``, and the stage's inputs (the fingerprints of everything it reads)."""
+
+    sources: Sources
+    use_knn: bool
+    use_memory: bool
+    overlap: str | None
+    inputs: dict[str, str]
+
+
+def survey_evaluation(config: EvaluateConfig, run: RunDir) -> Survey:
+    """The cheap half of the checks: everything decided from manifests, before any weights are loaded."""
     if not config.splits:
         raise UsageError("no split to score", field="splits")
     sources = resolve_sources(config, run)
     on_run = config.corpus is None
-    use_knn = (
-        config.knn
-        and on_run
-        and optional_stage(run, "datastore") is not None
-        and optional_stage(run, "index") is not None
-    )
-    use_memory = config.memory and on_run and optional_stage(run, "train-memory") is not None
-    tuning_split(config, config.splits, tunes=use_knn or use_memory)  # cheap refusals before loading any weights
+    datastore = optional_stage(run, "datastore") if config.knn and on_run else None
+    index = optional_stage(run, "index") if datastore is not None else None
+    memory = optional_stage(run, "train-memory") if config.memory and on_run else None
+    use_knn, use_memory = index is not None, memory is not None
+    tuning_split(config, config.splits, tunes=use_knn or use_memory)
     overlap = check_overlap(config, run) if use_knn or use_memory else None
+    inputs = dict(sources.inputs)
+    if use_memory:
+        inputs["train-memory"] = memory.fingerprint
     if use_knn:
         from mlpmem.knn.retriever import check_datastore
 
-        check_datastore(run.require("datastore"), sources.model_fp, config.k)
+        check_datastore(datastore, sources.model_fp, config.k)
+        inputs.update(datastore=datastore.fingerprint, index=index.fingerprint)
+    return Survey(sources, use_knn, use_memory, overlap, inputs)
+
+
+def plan_evaluation(config: EvaluateConfig, run: RunDir, survey: Survey) -> Plan:
+    """Load and check the LM, memory and retriever the survey found (UsageError, one line, on the first problem)."""
     device = resolve_device(config.device)
-    lm = load_lm(sources.model_path, device)
-    context, stride = window_sizes(config, sources, lm)
-    plan = Plan(sources, lm, context, stride, overlap=overlap, inputs=dict(sources.inputs))
-    if use_memory:
+    lm = load_lm(survey.sources.model_path, device)
+    context, stride = window_sizes(config, survey.sources, lm)
+    plan = Plan(survey.sources, lm, context, stride, overlap=survey.overlap, inputs=survey.inputs)
+    if survey.use_memory:
         plan_memory(plan, run, device)
-    if use_knn:
+    if survey.use_knn:
         plan_knn(plan, run, config)
     return plan
 
@@ -337,10 +352,11 @@ def check_systems(systems: list[SystemResult]) -> None:
 def evaluate(config: EvaluateConfig) -> EvaluateManifest:
     """Score, tune on valid, apply to test; returns the complete evaluate manifest (tuned λ/T in ``systems``)."""
     run = RunDir(config.run_dir)
-    plan = plan_evaluation(config, run)
+    survey = survey_evaluation(config, run)
+    if (done := run.reusable("evaluate", config, survey.inputs)) is not None:
+        return done  # nothing loaded
+    plan = plan_evaluation(config, run, survey)
     build = run.begin("evaluate", config, plan.inputs)
-    if build.status == "complete":
-        return build.manifest
     parts = {split: score_split(plan, tokens, config, split) for split, tokens in plan.sources.tokens.items()}
     systems, tuned_on, curves = summarise(parts, config)
     fields = dict(

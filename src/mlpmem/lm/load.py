@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from mlpmem.artifacts import RunDir, fingerprint_obj, fingerprint_path
 from mlpmem.errors import UsageError
+from mlpmem.training import non_finite_parameter
 
 
 def run_lm_dir(run_dir: Path) -> Path:
@@ -103,9 +104,8 @@ def load_lm(name_or_path: str | Path, device: torch.device | str = "cpu") -> Pre
 
 def check_finite_weights(model: torch.nn.Module, name: str) -> None:
     """UsageError when a loaded model holds nan/inf weights (a diverged or damaged model gives nan everywhere)."""
-    for param_name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise UsageError(f"model {name!r} holds nan/inf weights ({param_name}); retrain it")
+    if (param_name := non_finite_parameter(model)) is not None:
+        raise UsageError(f"model {name!r} holds nan/inf weights ({param_name}); retrain it")
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
