@@ -13,7 +13,8 @@ from mlpmem.artifacts import RunDir
 from mlpmem.cli import build_parser, main
 from mlpmem.config import load_yaml, to_yaml, validate
 from mlpmem.devices import set_threads
-from mlpmem.presets import preset_names, preset_path, resolve_pipeline
+from mlpmem.errors import UsageError
+from mlpmem.presets import load_pipeline, preset_names, preset_path, resolve_pipeline
 from mlpmem.stages import STAGES, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def test_stage_help_lists_every_field_with_its_type(spec, capsys):
 
 @pytest.mark.parametrize("name", preset_names())
 def test_shipped_presets_validate(name):
-    run = validate(RunConfig, load_yaml(preset_path(name)))
+    run = validate(RunConfig, load_pipeline(name))
     for stage in run.stages:
         run.stage_config(stage)
 
@@ -65,6 +66,27 @@ def test_presets_ship_in_the_package_and_resolve_by_name_or_file(tmp_path, monke
     assert resolve_pipeline("mine.yaml") == Path("mine.yaml")
     code, _, err = run_cli(capsys, "run", "nosuch", "--stages", "prepare")
     assert code == 2 and "no pipeline file or preset named 'nosuch' (presets: demo" in err and err.count("\n") == 1
+
+
+def test_a_pipeline_extends_another_section_by_section(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("base.yaml").write_text("run_dir: a\nstages: [prepare]\ntrain_lm: {n_layer: 2, lr: 0.01}\n")
+    Path("child.yaml").write_text("extends: base.yaml\nrun_dir: b\ntrain_lm: {lr: 0.5}\n")
+    assert load_pipeline("child.yaml") == {"run_dir": "b", "stages": ["prepare"], "train_lm": {"n_layer": 2, "lr": 0.5}}
+    wt2, mom = load_pipeline("wt2"), load_pipeline("wt2-mom")  # a preset extends a preset by name
+    assert mom["index"] == wt2["index"] and mom["train_lm"]["max_steps"] == wt2["train_lm"]["max_steps"]
+    assert mom["train_lm"]["arch"] == "mom" and mom["run_dir"] != wt2["run_dir"]
+    Path("loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(UsageError, match="extends itself"):
+        load_pipeline("loop.yaml")
+
+
+def test_a_stage_takes_its_section_of_a_pipeline_file(tmp_path, capsys):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"extends: demo\nrun_dir: {tmp_path / 'r'}\nprepare: {{train_tokenizer: 300}}\n")
+    code, _, err = run_cli(capsys, "prepare", "--config", str(pipeline), "--threads", "1")
+    assert code == 0, err
+    assert RunDir(tmp_path / "r").require("prepare").config.train_tokenizer == 300
 
 
 def test_a_stage_says_it_was_built_or_reused_and_quiet_silences_it(tmp_path, capsys):

@@ -29,7 +29,7 @@ import yaml
 from mlpmem import __version__
 from mlpmem.config import StageConfig, load_yaml, validate
 from mlpmem.errors import UsageError
-from mlpmem.presets import preset_names, resolve_pipeline
+from mlpmem.presets import load_pipeline, preset_names
 from mlpmem.progress import LOG_LEVELS, configure_output
 from mlpmem.stages import BUILD_STAGES, STAGES, RunConfig, stage_spec
 
@@ -118,8 +118,12 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type[StageConfig]) ->
 
 def stage_config(stage: str, args: argparse.Namespace) -> StageConfig:
     """YAML file (if any) overlaid with the flags given, validated."""
-    cls = stage_spec(stage).config
+    spec = stage_spec(stage)
+    cls = spec.config
     data = load_yaml(Path(args.config)) if args.config else {}
+    if {"stages", "extends", spec.section} & set(data):  # a pipeline file: this stage's section and its run_dir
+        pipeline = load_pipeline(args.config)
+        data = {**({"run_dir": pipeline["run_dir"]} if "run_dir" in pipeline else {}), **pipeline.get(spec.section, {})}
     for name, field in cls.model_fields.items():
         if hasattr(args, name):
             data[name] = parse_value(getattr(args, name), field.annotation)
@@ -166,7 +170,7 @@ def run_pipeline(pipeline: str, overrides: list[str]) -> None:
     inputs are reused."""
     from mlpmem.summary import print_run_summary
 
-    data = apply_overrides(load_yaml(resolve_pipeline(pipeline)), overrides)
+    data = apply_overrides(load_pipeline(pipeline), overrides)
     run = validate(RunConfig, data)
     configs = run.stage_configs()  # every section, before any work
     times, reused = {}, set()

@@ -104,6 +104,15 @@ class TrainLMConfig(StageConfig):
     n_layer: int = Field(4, ge=1, description="layers of a from-scratch LM")
     n_head: int = Field(4, ge=1, description="attention heads (MoM: heads of each memory) of a from-scratch LM")
     n_embd: int = Field(256, ge=8, description="width of a from-scratch LM")
+    head_dim: int | None = Field(
+        None, ge=1, description="key and value width per head (arch mom, gated-deltanet); default n_embd // n_head"
+    )
+    ffn_size: int | None = Field(
+        None,
+        ge=1,
+        description="inner width of the feed-forward layers; default 4 * n_embd (gpt2) or about 8/3 * n_embd "
+        "(mom, gated-deltanet: SwiGLU)",
+    )
     n_memories: int = Field(4, ge=1, description="routed memories per MoM layer (arch mom)")
     top_k: int = Field(2, ge=1, description="memories each token is routed to (arch mom; at most n_memories)")
     shared_memory: bool = Field(True, description="a memory every token also uses, besides the routed ones (arch mom)")

@@ -206,3 +206,26 @@ def test_scheduler_follows_lr_factor_and_checkpoints_include_the_last_step():
         optimizer.step()
         scheduler.step()
     assert [s for s in range(1, 24) if checkpoint_due(s, 5, 23)] == [5, 10, 15, 20, 23]
+
+
+def test_architecture_presets_have_the_gpt2_parameter_count():
+    """wt2-mom and wt2-gated-deltanet are sized to the wt2 GPT-2 (within 1%), with the sizes they declare."""
+    from mlpmem.presets import load_pipeline
+
+    def model_of(preset):
+        config = TrainLMConfig(**load_pipeline(preset)["train_lm"], run_dir="unused")
+        return train_module.build_model(config, vocab_size=8192, prepared_tokenizer_fp="unused")
+
+    gpt2 = sum(p.numel() for p in model_of("wt2").parameters())
+    for preset, arch in (("wt2-mom", "mom"), ("wt2-gated-deltanet", "gated-deltanet")):
+        model = model_of(preset)
+        n = sum(p.numel() for p in model.parameters())
+        assert abs(n / gpt2 - 1) < 0.01, (preset, n, gpt2)
+        assert model.config.is_gated_deltanet == (arch == "gated-deltanet")
+        sizes = load_pipeline(preset)["train_lm"]
+        assert model.config.head_k_dim == sizes["head_dim"] and model.config.intermediate_size == sizes["ffn_size"]
+
+
+def test_head_dim_is_refused_for_a_gpt2(prepared):
+    with pytest.raises(UsageError, match="head-dim applies to arch mom"):
+        train_lm(TrainLMConfig(run_dir=prepared, n_embd=32, n_head=2, head_dim=8, max_steps=1))

@@ -56,6 +56,7 @@ def gpt2_model(config: TrainLMConfig, vocab_size: int) -> PreTrainedModel:
         n_embd=config.n_embd,
         n_layer=config.n_layer,
         n_head=config.n_head,
+        n_inner=config.ffn_size,
         resid_pdrop=config.dropout,
         embd_pdrop=config.dropout,
         attn_pdrop=config.dropout,
@@ -75,6 +76,9 @@ def mom_model(config: TrainLMConfig, vocab_size: int) -> PreTrainedModel:
         hidden_size=config.n_embd,
         num_hidden_layers=config.n_layer,
         num_heads=config.n_head,
+        head_k_dim=config.head_dim,
+        head_v_dim=config.head_dim,
+        intermediate_size=config.ffn_size,
         aux_loss_weight=config.aux_loss_weight,
         bos_token_id=0,
         eos_token_id=0,
@@ -142,6 +146,10 @@ def check_inputs(config: TrainLMConfig, train: np.ndarray) -> None:
         raise UsageError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})", field="n_embd")
     if config.model is None and config.arch == "mom" and config.top_k > config.n_memories:
         raise UsageError(f"top_k ({config.top_k}) must not exceed n_memories ({config.n_memories})", field="top_k")
+    if config.model is None and config.arch == "gpt2" and config.head_dim not in (None, config.n_embd // config.n_head):
+        raise UsageError(
+            "--head-dim applies to arch mom and gated-deltanet (a GPT-2 head is n_embd // n_head)", field="head_dim"
+        )
     if config.model is not None and config.arch != "gpt2":
         raise UsageError(f"--arch {config.arch} builds a new LM; it cannot be combined with --model", field="arch")
 
