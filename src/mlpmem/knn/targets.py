@@ -6,7 +6,8 @@ Each entry's key is searched with k + 1 neighbours; the entry itself is dropped 
 not return it, e.g. under PQ with duplicate keys, the farthest neighbour is dropped instead), so exactly k
 remain. Stored memmaps: ``tokens`` int32 [N, w] (padding -1), ``probs`` float32 [N, w] (padding 0; rows sum
 to 1), ``gold`` int32 [N] (the entry's own value), with w = min(width, k). Chunks of ``chunk_size`` queries
-are written and flushed before being marked done; a resumed run gives byte-identical files because FAISS
+are written and flushed before being marked done (a streamed datastore's keys are recomputed by the LM as the
+queries; distances are then the index's PQ distances); a resumed run gives byte-identical files because FAISS
 results are deterministic for a given index and query batch, and batches are aligned to chunks.
 """
 
@@ -23,6 +24,7 @@ from mlpmem.errors import UsageError
 from mlpmem.knn.distribution import neighbour_values, sparse_distribution
 from mlpmem.knn.index import load_index, set_nprobe
 from mlpmem.knn.search import search
+from mlpmem.knn.stream import key_source
 from mlpmem.manifests import TargetsManifest
 from mlpmem.progress import progress
 
@@ -55,7 +57,8 @@ def build_targets(config: TargetsConfig) -> TargetsManifest:
             field="k",
         )
     index, _ = load_index(run.path, use_gpu="auto")
-    keys, values = run.array("datastore", "keys", datastore), run.array("datastore", "values", datastore)  # [N, d], [N]
+    keys = key_source(run.path, datastore, config.device, config.batch_size)  # stored, or recomputed by the LM
+    values = run.array("datastore", "values", datastore)  # [N]
     nprobe = config.nprobe or index_manifest.nprobe
     width = min(config.width, config.k)
     n_chunks = -(-n // config.chunk_size)
@@ -73,7 +76,7 @@ def build_targets(config: TargetsConfig) -> TargetsManifest:
     t0, computed = time.time(), 0
     for c in (c for c in range(n_chunks) if c not in done):
         a, b = c * config.chunk_size, min(n, (c + 1) * config.chunk_size)
-        dists, ids = search(index, keys[a:b], config.k + 1, batch=SEARCH_BATCH)  # [q, k+1]
+        dists, ids = search(index, keys.range(a, b), config.k + 1, batch=SEARCH_BATCH)  # [q, k+1]
         dists, ids, found = drop_self(dists, ids, np.arange(a, b))
         tok, prob = sparse_distribution(dists, neighbour_values(values, ids), config.knn_temperature, width)
         tokens[a:b], probs[a:b], gold[a:b] = tok, prob, values[a:b]

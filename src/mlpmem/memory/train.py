@@ -206,6 +206,11 @@ def check_inputs(ds: DatastoreManifest, tg: TargetsManifest, config: TrainMemory
         raise UsageError(
             f"the targets have {tg.entries} rows, the datastore {ds.entries} entries; rerun `mlpmem targets`"
         )
+    if config.mode == "offline" and "keys" not in ds.arrays:
+        raise UsageError(
+            "the datastore stores no keys (datastore --keys streamed); use --mode online to recompute them",
+            field="mode",
+        )
     if config.valid_size >= ds.entries:
         raise UsageError(
             f"valid_size ({config.valid_size}) must be smaller than the datastore ({ds.entries} entries)",
