@@ -199,6 +199,11 @@ class TargetsConfig(StageConfig):
     width: int = Field(128, ge=1, description="max distinct tokens kept per entry (m)")
     nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
     chunk_size: int = Field(16_384, ge=1, description="queries per resumable chunk")
+    store: bool = Field(
+        True,
+        description="write every entry's targets; false (disk-light): write nothing, train-memory searches the "
+        "targets of each batch in the index (from the batch's keys, at the datastore's key layer)",
+    )
     batch_size: int = setting(8, "windows per LM forward (a streamed datastore's keys)", ge=1)
     device: Device = setting("auto", "LM device for a streamed datastore's keys: auto, cpu, cuda, cuda:N or mps")
 

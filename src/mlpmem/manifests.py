@@ -104,14 +104,21 @@ class TargetsManifest(Manifest):
     faiss_threads: int | None = None
 
     @property
-    def entries(self) -> int:
-        return self.arrays["gold"].shape[0]
+    def stored(self) -> bool:
+        """False for ``--no-store``: train-memory searches each batch's targets."""
+        return "gold" in self.arrays
+
+    @property
+    def entries(self) -> int | None:
+        return self.arrays["gold"].shape[0] if self.stored else None
 
     @property
     def width(self) -> int:
-        return self.arrays["tokens"].shape[1]
+        return self.arrays["tokens"].shape[1] if self.stored else min(self.config.width, self.config.k)
 
     def summary(self) -> dict[str, Any]:
+        if not self.stored:
+            return {"entries": "searched per batch"}
         return {
             "entries": self.entries,
             "self_missing": None if self.self_found is None else self.entries - self.self_found,

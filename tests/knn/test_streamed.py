@@ -4,10 +4,13 @@ ones, the index holds exactly the streamed keys, targets equal a naive p_kNN ove
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from mlpmem.artifacts import RunDir
 from mlpmem.config import DatastoreConfig, IndexConfig, TargetsConfig, TrainMemoryConfig
@@ -111,3 +114,20 @@ def test_uncompressed_index_of_streamed_keys_is_refused(tmp_path):
     with pytest.raises(UsageError) as err:
         build_index(IndexConfig(run_dir=run, factory="Flat"))
     assert err.value.field == "factory" and not (run / "index.partial").exists()
+
+
+def test_targets_searched_per_batch_train_the_same_memory(runs, tmp_path):
+    stored = Path(shutil.copytree(runs[0], tmp_path / "stored"))
+    build_index(IndexConfig(run_dir=stored, factory=FACTORY, train_size=1000, nprobe=4))
+    searched = Path(shutil.copytree(stored, tmp_path / "searched"))
+    build_targets(TargetsConfig(run_dir=stored, k=6, knn_temperature=3.0))
+    manifest = build_targets(TargetsConfig(run_dir=searched, k=6, knn_temperature=3.0, store=False))
+    assert not manifest.stored and manifest.arrays == {} and manifest.disk_bytes == 0
+    train = dict(mode="offline", valid_size=100, epochs=0.5, batch_size=128, n_blocks=1, eval_interval=5)
+    results = [train_memory(TrainMemoryConfig(run_dir=r, **train)) for r in (stored, searched)]
+    assert results[0].steps == results[1].steps >= 5
+    for key in ("loss", "kl", "ce"):
+        assert results[0].valid[key] == pytest.approx(results[1].valid[key], rel=1e-5)
+    weights = [load_file(r / "train-memory" / "model" / "model.safetensors") for r in (stored, searched)]
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, rtol=1e-5, atol=1e-6)
