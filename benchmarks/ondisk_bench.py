@@ -10,7 +10,8 @@ noise) are scored by the real ADC tables. The build is the one ``mlpmem index --
 a shard per chunk, resumable, then one merge); the work folder is deleted afterwards unless ``--keep``.
 Reported: build seconds (shards, merge), queries/s at (k, nprobe), bytes on disk, and peak memory:
 ``ru_maxrss`` (counts the mapped list pages the process touched: cache the kernel may drop) and the peak of
-anonymous RSS (``RssAnon``, sampled every 50 ms: the memory the process really needs).
+anonymous RSS (``RssAnon``, sampled every 50 ms: the memory the process really needs), after training, after the
+build, and overall (searching rebuilds the IVF-PQ precomputed table: nlist x PQ x 256 floats).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 
 from mlpmem.artifacts import Environment
 from mlpmem.bench.synthetic import CENTROID_SCALE, PQ_TRAIN, ivfpq_geometry
-from mlpmem.knn.ondisk import LISTS_FILE, OnDiskBuild, add_codes, read_any_index
+from mlpmem.knn.ondisk import LISTS_FILE, OnDiskBuild, add_codes, drop_search_tables, read_any_index
 
 
 class PeakMemory:
@@ -72,6 +73,7 @@ def trained_index(d: int, nlist: int, m: int, rng: np.random.Generator) -> tuple
     index.do_polysemous_training = False
     sample = centroids[rng.integers(nlist, size=PQ_TRAIN)] + rng.standard_normal((PQ_TRAIN, d), dtype=np.float32)
     index.train(sample)  # the quantizer holds its centroids already: only PQ is trained
+    drop_search_tables(index)  # not needed to add
     return index, centroids
 
 
@@ -137,7 +139,9 @@ def main() -> None:
     nlist = args.nlist or ivfpq_geometry(args.entries, args.dim, args.k, args.nprobe)[0]
     args.work_dir.mkdir(parents=True, exist_ok=True)
     with PeakMemory() as peak:
+        t0 = time.time()
         index, centroids = trained_index(args.dim, nlist, args.pq, np.random.default_rng(args.seed))
+        train_s, train_anon = time.time() - t0, peak.peak_anon_mb
         built = build(args, args.work_dir, index, nlist, args.pq)
         del index
         build_rss, build_anon = maxrss_mb(), peak.peak_anon_mb
@@ -148,6 +152,8 @@ def main() -> None:
         "dim": args.dim,
         "factory": f"IVF{nlist},PQ{args.pq}",
         "chunk": args.chunk,
+        "train_seconds": round(train_s, 1),
+        "peak_anon_rss_mb_train": round(train_anon, 1),
         "k": args.k,
         "nprobe": args.nprobe,
         "threads": args.threads,

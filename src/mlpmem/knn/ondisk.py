@@ -67,6 +67,7 @@ class OnDiskBuild:
                 raise ValueError("the on-disk build starts from a trained, empty index")
             write_index_atomically(trained, self.folder / TRAINED_FILE)
         self.trained = faiss.read_index(str(self.folder / TRAINED_FILE))  # a resumed build keeps its first training
+        drop_search_tables(self.trained)
 
     # chunks -------------------------------------------------------------------------------------------------
     def done(self) -> set[int]:
@@ -124,6 +125,18 @@ class OnDiskBuild:
         """Delete the shards and the trained copy once the merged index is written."""
         shutil.rmtree(self.shards, ignore_errors=True)
         (self.folder / TRAINED_FILE).unlink(missing_ok=True)
+
+
+def drop_search_tables(index: faiss.Index) -> None:
+    """Free an IVF-PQ index's precomputed search table (nlist x M x 256 floats: 1 GiB at 32768 lists of PQ32).
+
+    Adding never reads it and every copy would carry it; reading the written index rebuilds it for search.
+    """
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and hasattr(faiss.downcast_index(ivf), "precomputed_table"):
+        ivfpq = faiss.downcast_index(ivf)
+        ivfpq.use_precomputed_table = -1
+        ivfpq.precomputed_table.resize(0)
 
 
 def add_codes(index: faiss.Index, lists: np.ndarray, codes: np.ndarray, ids: np.ndarray) -> None:
