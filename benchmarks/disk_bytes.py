@@ -67,14 +67,15 @@ def measured_rows(run_dirs: list[Path]) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("runs", nargs="*", type=Path, help="finished runs to measure")
     p.add_argument(
         "--project-tokens", type=int, default=103_227_021, help="corpus tokens (default: WikiText-103 train words)"
     )
     p.add_argument("--project-dim", type=int, default=768, help="key width (GPT-2 small: 768)")
     p.add_argument("--project-width", type=int, default=64, help="target slots per entry (targets width, k = 64)")
     args = p.parse_args()
-    print("\n".join(measured_rows(args.runs)))
+    if args.runs:
+        print("\n".join(measured_rows(args.runs)))
     factory = default_factory(args.project_tokens, args.project_dim, 0, 262_144)
     index = code_bytes(factory, args.project_dim)
     d, w = args.project_dim, args.project_width

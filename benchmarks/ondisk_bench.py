@@ -1,6 +1,7 @@
 """A store larger than RAM: build and search an IVF-PQ index with on-disk inverted lists, reporting peak RSS.
 
-    python benchmarks/ondisk_bench.py --entries 100000000 --dim 768 --pq 32 --threads 2 --out
+    python benchmarks/ondisk_bench.py --entries 100000000 --dim 768 --pq 32 --threads 2 \
+        --out benchmarks/results/ondisk-bench.json
 
 The store is synthetic: keys of width ``--dim`` represented by their IVF list and PQ code, both drawn at random
 chunk by chunk (``--chunk`` entries, seeded per chunk) and added without encoding (``add_codes``); encoding real
