@@ -98,12 +98,15 @@ def test_targets_are_a_naive_pknn_over_pq_distances(runs):
     assert manifest.disk_bytes == sum(f.bytes for f in manifest.files.values()) > 0
 
 
-def test_memory_trains_online_only(runs):
+def test_memory_trains_online_only_with_targets_searched_per_batch(runs, tmp_path):
+    light = Path(shutil.copytree(runs[1], tmp_path / "light"))
+    shutil.rmtree(light / "targets", ignore_errors=True)
+    build_targets(TargetsConfig(run_dir=light, k=6, knn_temperature=3.0, store=False))
     with pytest.raises(UsageError) as err:
-        train_memory(TrainMemoryConfig(run_dir=runs[1], mode="offline", valid_size=100, epochs=0.1))
+        train_memory(TrainMemoryConfig(run_dir=light, mode="offline", valid_size=100, epochs=0.1))
     assert err.value.field == "mode"
     manifest = train_memory(
-        TrainMemoryConfig(run_dir=runs[1], mode="online", valid_size=100, epochs=0.2, batch_size=256, n_blocks=1)
+        TrainMemoryConfig(run_dir=light, mode="online", valid_size=100, epochs=0.2, batch_size=256, n_blocks=1)
     )
     assert manifest.status == "complete" and manifest.steps >= 1 and np.isfinite(manifest.valid["loss"])
 
