@@ -260,6 +260,7 @@ class Manifest(BaseModel):
     arrays: dict[str, ArraySpec] = Field(default_factory=dict)
     files: dict[str, FileRecord] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
+    disk_bytes: int | None = None  # bytes of the stage's files on disk (its few-KB manifest aside), at completion
     fingerprint: str | None = None
     checksum: str | None = None
 
@@ -572,6 +573,7 @@ class StageBuild:
             for p in content_files(self.dir)
         }
         self.manifest.status = "complete"
+        self.manifest.disk_bytes = sum(r.bytes for r in self.manifest.files.values())
         self.manifest.fingerprint = fingerprint_obj(
             {
                 "stage": self.stage,

@@ -174,6 +174,12 @@ class DatastoreConfig(StageConfig):
     stride: int | None = Field(None, ge=1, description="new keys per window; default: context // 2")
     batch_size: int = setting(8, "windows per forward pass", ge=1)
     key_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of stored keys")
+    keys: Literal["stored", "streamed"] = Field(
+        "stored",
+        description="stored: keys [N, d] on disk; streamed (disk-light): only values are stored, `mlpmem index` "
+        "recomputes the keys with the LM and streams them into its IVF-PQ index, targets and the memory "
+        "(--mode online) recompute them too",
+    )
     key_layer: str | None = Field(None, description="module path whose output is the key; default: found per family")
     chunk_windows: int = Field(256, ge=1, description="windows per resumable chunk")
     device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
@@ -187,6 +193,13 @@ class IndexConfig(StageConfig):
     add_chunk: int = Field(262_144, ge=1, description="keys added per chunk")
     use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="use faiss GPU when installed")
     seed: int = Field(0, description="sampling seed")
+    on_disk: bool = Field(
+        False,
+        description="inverted lists in a file mapped at search time (IVF only): RAM does not grow with the store; "
+        "built in resumable shards of --add-chunk keys",
+    )
+    batch_size: int = setting(8, "windows per LM forward (a streamed datastore's keys)", ge=1)
+    device: Device = setting("auto", "LM device for a streamed datastore's keys: auto, cpu, cuda, cuda:N or mps")
 
 
 class TargetsConfig(StageConfig):
@@ -195,6 +208,13 @@ class TargetsConfig(StageConfig):
     width: int = Field(128, ge=1, description="max distinct tokens kept per entry (m)")
     nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
     chunk_size: int = Field(16_384, ge=1, description="queries per resumable chunk")
+    store: bool = Field(
+        True,
+        description="write every entry's targets; false (disk-light): write nothing, train-memory searches the "
+        "targets of each batch in the index (from the batch's keys, at the datastore's key layer)",
+    )
+    batch_size: int = setting(8, "windows per LM forward (a streamed datastore's keys)", ge=1)
+    device: Device = setting("auto", "LM device for a streamed datastore's keys: auto, cpu, cuda, cuda:N or mps")
 
 
 class TrainMemoryConfig(StageConfig):

@@ -56,11 +56,12 @@ class TrainLMManifest(Manifest):
 
 
 class DatastoreManifest(Manifest):
-    """``keys`` [N, d] and ``values`` [N] of one split; entry i is position i predicting token i + 1."""
+    """``keys`` [N, d] (not when streamed) and ``values`` [N] of one split; entry i: position i predicting i + 1."""
 
     config: DatastoreConfig
     model_fingerprint: str | None = None
     key_layer: str | None = None
+    key_width: int | None = None  # d, also when the keys are streamed (not stored)
     context: int | None = None
     stride: int | None = None
     windows: int | None = None
@@ -72,7 +73,7 @@ class DatastoreManifest(Manifest):
 
     @property
     def key_dim(self) -> int:
-        return self.arrays["keys"].shape[1]
+        return self.arrays["keys"].shape[1] if "keys" in self.arrays else self.key_width
 
     def summary(self) -> dict[str, Any]:
         return {"entries": self.entries, "windows": self.windows, "key_layer": self.key_layer}
@@ -87,6 +88,7 @@ class IndexManifest(Manifest):
     nprobe: int | None = None
     ntotal: int | None = None
     built_on_gpu: bool | None = None
+    on_disk: bool | None = None  # inverted lists in lists.bin, mapped at search time
     peak_rss_mb: float | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -102,14 +104,21 @@ class TargetsManifest(Manifest):
     faiss_threads: int | None = None
 
     @property
-    def entries(self) -> int:
-        return self.arrays["gold"].shape[0]
+    def stored(self) -> bool:
+        """False for ``--no-store``: train-memory searches each batch's targets."""
+        return "gold" in self.arrays
+
+    @property
+    def entries(self) -> int | None:
+        return self.arrays["gold"].shape[0] if self.stored else None
 
     @property
     def width(self) -> int:
-        return self.arrays["tokens"].shape[1]
+        return self.arrays["tokens"].shape[1] if self.stored else min(self.config.width, self.config.k)
 
     def summary(self) -> dict[str, Any]:
+        if not self.stored:
+            return {"entries": "searched per batch"}
         return {
             "entries": self.entries,
             "self_missing": None if self.self_found is None else self.entries - self.self_found,

@@ -34,6 +34,8 @@ def print_run_summary(run_dir: Path, wall_times: dict[str, float], reused: set[s
             if manifest.complete
             else ""
         )
+        if manifest.disk_bytes is not None:
+            counts += f"{', ' if counts else ''}disk={manifest.disk_bytes / 1e6:,.1f} MB"
         print(f"{stage:<13} {manifest.status:<9} {f'{built:.0f}s' if built else '-':>9} {now_text:>9}  {counts}")
 
 

@@ -7,7 +7,8 @@ Entry i is position i of the split, predicting token i + 1: ``keys`` [N, d] (flo
 [N] int32 with N = n_tokens - 1. Windows follow ``mlpmem.data.windows`` (every position keyed once, with at
 least context - stride tokens of history past the first window). Work is done in chunks of ``chunk_windows``
 windows written straight into preallocated memmaps (RAM independent of corpus size); a rerun skips the chunks
-already written.
+already written. ``--keys streamed`` (disk-light) stores the values only; the index, targets and memory stages
+recompute the keys with the LM (``mlpmem.knn.stream``).
 """
 
 from __future__ import annotations
@@ -130,6 +131,13 @@ def build_datastore(config: DatastoreConfig) -> DatastoreManifest:
     context, stride = window_sizes(config, lm, max_positions(model))
     tokens = open_split(run.path, config.split)  # [n_tokens] memmap
     windows = sliding_windows(len(tokens), context, stride)
+    found = {"model_fingerprint": lm.model_fingerprint, "key_layer": key_layer, "context": context, "stride": stride}
+    found |= {"windows": len(windows), "key_width": key_dim(model, key_layer)}
+    if config.keys == "streamed":
+        if state.is_main_process:
+            build_values_only(run, config, inputs, tokens, found)
+        state.wait_for_everyone()
+        return run.require("datastore")
     chunks = [windows[i : i + config.chunk_windows] for i in range(0, len(windows), config.chunk_windows)]
 
     build = begin_build(run, config, inputs, state, (len(tokens) - 1, key_dim(model, key_layer)))
@@ -151,16 +159,24 @@ def build_datastore(config: DatastoreConfig) -> DatastoreManifest:
             "extract_seconds": round(seconds, 2),
             "tokens_per_second": rate,
         }
-        build.complete(
-            model_fingerprint=lm.model_fingerprint,
-            key_layer=key_layer,
-            context=context,
-            stride=stride,
-            windows=len(windows),
-            processes=state.num_processes,
-        )
+        build.complete(**found, processes=state.num_processes)
     state.wait_for_everyone()
     return run.require("datastore")
+
+
+def build_values_only(
+    run: RunDir, config: DatastoreConfig, inputs: dict[str, str], tokens: np.ndarray, found: dict
+) -> DatastoreManifest:
+    """A streamed (disk-light) datastore: values [N] only (token i + 1 of every position i; no LM forward).
+
+    Its keys are recomputed by the LM where needed (``knn.stream``), over the windows recorded here.
+    """
+    build = run.begin("datastore", config, inputs)
+    values = build.add_array("values", "int32", (len(tokens) - 1,))
+    for a in range(0, len(values), 1 << 22):
+        values[a : a + (1 << 22)] = tokens[a + 1 : a + 1 + (1 << 22)]
+    values.flush()
+    return build.complete(**found, processes=1)
 
 
 def extract(build: StageBuild, chunks: list[list[Window]], state, write) -> tuple[float, int]:

@@ -10,13 +10,14 @@ Default factory from the datastore size N and key width d:
 The quantizers are trained on a seeded random sample; keys are added in float32 chunks (never a full float32
 copy); PQ codes skip polysemous training (used only for Hamming filtering, never here). The CPU index is
 written atomically to ``RUN/index/index.faiss``; a factory whose lists outnumber the training keys is refused before
-any work.
+any work. ``--on-disk`` keeps the inverted lists in ``lists.bin``, built in resumable shards (``knn.ondisk``).
+A streamed datastore (``datastore --keys streamed``) has its keys recomputed by the LM and streamed into the index
+(``knn.stream``); its default factory is never Flat, and an uncompressed one is refused.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import resource
 import time
 from pathlib import Path
@@ -24,10 +25,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from mlpmem.artifacts import RunDir, disk_errors
+from mlpmem.artifacts import ArraySpec, RunDir
 from mlpmem.config import IndexConfig
 from mlpmem.errors import UsageError
+from mlpmem.knn.ondisk import LISTS_FILE, TRAINED_FILE, OnDiskBuild, read_any_index, write_index_atomically
+from mlpmem.knn.stream import key_source
 from mlpmem.manifests import IndexManifest
+from mlpmem.progress import progress
 
 INDEX_FILE = "index.faiss"
 PQ_CHOICES = (64, 32, 16, 8)
@@ -118,48 +122,52 @@ def check_trainable(nlist: int | None, n_train: int, factory: str) -> None:
 
 
 def build_index(config: IndexConfig) -> IndexManifest:
-    """Build, train, fill and save the FAISS index of the run's datastore; returns the index manifest."""
+    """Build, train, fill and save the FAISS index of the run's datastore; returns the index manifest.
+
+    Keys come from the datastore's memmap, or from the LM when the datastore streams them (``knn.stream``).
+    """
     run = RunDir(config.run_dir)
     datastore = run.require("datastore")
     inputs = {"datastore": datastore.fingerprint}
     if (done := run.reusable("index", config, inputs)) is not None:
         return done
-    keys = run.array("datastore", "keys", datastore)  # [N, d] memmap
-    n, d = keys.shape
-    factory = config.factory or default_factory(n, d, config.flat_threshold, config.train_size)
-    index, nlist, on_gpu = make_index(factory, d, config.use_gpu)
+    streamed = "keys" not in datastore.arrays
+    n, d = datastore.entries, datastore.key_dim
+    factory = config.factory or default_factory(n, d, 0 if streamed else config.flat_threshold, config.train_size)
+    index, nlist, on_gpu = make_index(factory, d, "no" if config.on_disk else config.use_gpu)
+    check_streamable(index, factory, streamed, config.on_disk)
     n_train = min(config.train_size, n)
     check_trainable(nlist, n_train, factory)
     nprobe = config.nprobe or (min(32, nlist) if nlist else None)
+    source = key_source(run.path, datastore, config.device, config.batch_size)
 
     build = run.begin("index", config, inputs)
     t0 = time.time()
-    if not index.is_trained:
-        rows = np.sort(np.random.default_rng(config.seed).choice(n, n_train, replace=False))
-        sample = np.ascontiguousarray(keys[rows], dtype=np.float32)  # [n_train, d]
-        try:
-            index.train(sample)
-        except RuntimeError as err:
-            raise UsageError(
-                f"cannot train {factory!r} on {n_train} keys: {str(err).strip().splitlines()[-1]}", field="factory"
-            ) from None
-        del sample
+    resumed = config.on_disk and (build.dir / TRAINED_FILE).is_file()  # trained before a kill: kept
+    if not index.is_trained and not resumed:
+        train(index, source.sample(n_train, config.seed), factory)
     train_seconds = time.time() - t0
-    for a in range(0, n, config.add_chunk):
-        index.add(np.ascontiguousarray(keys[a : a + config.add_chunk], dtype=np.float32))
+    ranges = source.ranges(config.add_chunk)
+    bar = progress(total=n, unit="key", unit_scale=True, desc="index")
+    if config.on_disk:
+        builder = OnDiskBuild(build.dir, None if resumed else index)
+        for c, (a, b) in enumerate(ranges):
+            builder.add_chunk(c, lambda shard, a=a, b=b: shard.add_with_ids(source.range(a, b), np.arange(a, b)))
+            bar.update(b - a)
+        index = builder.merge(build.dir / INDEX_FILE, len(ranges))
+        builder.clean()
+    else:
+        for a, b in ranges:
+            index.add(source.range(a, b))
+            bar.update(b - a)
+    bar.close()
     if on_gpu:
         index = faiss.index_gpu_to_cpu(index)
     set_nprobe(index, nprobe)
     build_seconds = time.time() - t0
-
-    tmp = build.dir / f".{INDEX_FILE}.tmp"
-    with disk_errors(build.dir / INDEX_FILE):
-        try:
-            faiss.write_index(index, str(tmp))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    os.replace(tmp, build.dir / INDEX_FILE)
+    write_index_atomically(index, build.dir / INDEX_FILE)
+    if config.on_disk:
+        build.manifest.arrays = {**build.manifest.arrays, "lists": lists_spec(build.dir)}
     build.manifest.timings = {
         **build.manifest.timings,
         "train_seconds": round(train_seconds, 2),
@@ -171,8 +179,37 @@ def build_index(config: IndexConfig) -> IndexManifest:
         nprobe=nprobe,
         ntotal=int(index.ntotal),
         built_on_gpu=on_gpu,
+        on_disk=config.on_disk,
         peak_rss_mb=_peak_rss_mb(),
     )
+
+
+def train(index: faiss.Index, sample: np.ndarray, factory: str) -> None:
+    """Train the quantizers on keys [n_train, d] float32."""
+    try:
+        index.train(sample)
+    except RuntimeError as err:
+        raise UsageError(
+            f"cannot train {factory!r} on {len(sample)} keys: {str(err).strip().splitlines()[-1]}", field="factory"
+        ) from None
+
+
+def check_streamable(index: faiss.Index, factory: str, streamed: bool, on_disk: bool) -> None:
+    """Refuse, before any work, an on-disk index without lists, and an uncompressed index of streamed keys."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if on_disk and ivf is None:
+        raise UsageError(f"--on-disk needs an IVF index (inverted lists); {factory!r} has none", field="factory")
+    if streamed and (ivf is None or faiss.downcast_index(ivf).code_size >= 4 * index.d):
+        raise UsageError(
+            f"a streamed datastore keeps no keys, so its index must compress them (IVF-PQ); {factory!r} would store "
+            "them in full (use the default factory, or store the keys: datastore --keys stored)",
+            field="factory",
+        )
+
+
+def lists_spec(folder: Path) -> ArraySpec:
+    """``lists.bin`` recorded as a raw array (its size is checked on every read, its hash only at completion)."""
+    return ArraySpec(file=LISTS_FILE, dtype="uint8", shape=[(folder / LISTS_FILE).stat().st_size])
 
 
 def load_index(run_dir: Path, use_gpu: str = "no") -> tuple[faiss.Index, IndexManifest]:
@@ -186,7 +223,7 @@ def load_index(run_dir: Path, use_gpu: str = "no") -> tuple[faiss.Index, IndexMa
     manifest, datastore = run.require("index"), run.require("datastore")
     path = run.file("index", INDEX_FILE)
     try:
-        index = faiss.read_index(str(path))
+        index = read_any_index(path)  # on-disk lists are mapped from the index's folder
     except RuntimeError as err:
         raise UsageError(
             f"{path} is not a readable FAISS index ({str(err).strip().splitlines()[-1][:80]}); rerun `mlpmem index`"
@@ -196,6 +233,7 @@ def load_index(run_dir: Path, use_gpu: str = "no") -> tuple[faiss.Index, IndexMa
             f"{path} holds {index.ntotal} keys of width {index.d}, the datastore {datastore.entries} of width "
             f"{datastore.key_dim}; rerun `mlpmem index`"
         )
-    index, _ = _to_gpu(index, use_gpu)
+    if not manifest.on_disk:
+        index, _ = _to_gpu(index, use_gpu)
     set_nprobe(index, manifest.nprobe)
     return index, manifest

@@ -104,6 +104,8 @@ def load_knn(
 
     datastore = run.require("datastore")
     check_datastore(datastore, model_fingerprint, k)
+    if rerank and "keys" not in datastore.arrays:
+        raise UsageError("re-ranking needs stored keys; this datastore streams them (--keys streamed)", field="rerank")
     index, _ = load_index(run.path)
     values = np.asarray(run.array("datastore", "values", datastore))  # [N] int32
     stored_keys = run.array("datastore", "keys", datastore) if rerank else None

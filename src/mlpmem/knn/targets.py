@@ -6,16 +6,21 @@ Each entry's key is searched with k + 1 neighbours; the entry itself is dropped 
 not return it, e.g. under PQ with duplicate keys, the farthest neighbour is dropped instead), so exactly k
 remain. Stored memmaps: ``tokens`` int32 [N, w] (padding -1), ``probs`` float32 [N, w] (padding 0; rows sum
 to 1), ``gold`` int32 [N] (the entry's own value), with w = min(width, k). Chunks of ``chunk_size`` queries
-are written and flushed before being marked done; a resumed run gives byte-identical files because FAISS
+are written and flushed before being marked done (a streamed datastore's keys are recomputed by the LM as the
+queries; distances are then the index's PQ distances); a resumed run gives byte-identical files because FAISS
 results are deterministic for a given index and query batch, and batches are aligned to chunks.
+``--store false`` (disk-light) writes nothing: train-memory searches the targets of each batch as it trains
+(``SearchedTargets``: the same rows, from the batch's keys).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from mlpmem.artifacts import RunDir
 from mlpmem.config import TargetsConfig
@@ -23,6 +28,7 @@ from mlpmem.errors import UsageError
 from mlpmem.knn.distribution import neighbour_values, sparse_distribution
 from mlpmem.knn.index import load_index, set_nprobe
 from mlpmem.knn.search import search
+from mlpmem.knn.stream import key_source
 from mlpmem.manifests import TargetsManifest
 from mlpmem.progress import progress
 
@@ -41,6 +47,38 @@ def drop_self(sq_dists: np.ndarray, ids: np.ndarray, self_ids: np.ndarray) -> tu
     return sq_dists[keep].reshape(q, k1 - 1), ids[keep].reshape(q, k1 - 1), found
 
 
+def knn_rows(
+    index: faiss.Index, values: np.ndarray, queries: np.ndarray, self_ids: np.ndarray, config: TargetsConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse p_kNN of entries ``self_ids`` [q] from their keys ``queries`` [q, d]: tokens [q, w] int32, probs
+    [q, w] float32 and whether each entry's own id came back [q] (the index's nprobe is used as set)."""
+    dists, ids = search(index, queries, config.k + 1, batch=SEARCH_BATCH)  # [q, k+1]
+    dists, ids, found = drop_self(dists, ids, self_ids)
+    width = min(config.width, config.k)
+    tok, prob = sparse_distribution(dists, neighbour_values(values, ids), config.knn_temperature, width)
+    return tok, prob, found
+
+
+class SearchedTargets:
+    """The rows ``build_targets`` would store, searched when a training batch asks (``targets --store false``)."""
+
+    def __init__(self, run_dir: Path, manifest: TargetsManifest):
+        run = RunDir(run_dir)
+        self.index, _ = load_index(run.path)
+        set_nprobe(self.index, manifest.nprobe)
+        self.values = np.asarray(run.array("datastore", "values"))  # [N] int32
+        self.config = manifest.config
+
+    def rows(
+        self, ids: np.ndarray, device: torch.device, keys: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Target tokens [n, w], probs [n, w] and gold [n] of entries ``ids`` [n] whose keys are ``keys`` [n, d]."""
+        queries = keys.detach().float().cpu().numpy()
+        tok, prob, _ = knn_rows(self.index, self.values, queries, ids, self.config)
+        gold = self.values[ids].astype(np.int64)
+        return tuple(torch.from_numpy(np.asarray(a)).to(device) for a in (tok.astype(np.int64), prob, gold))
+
+
 def build_targets(config: TargetsConfig) -> TargetsManifest:
     """Compute the sparse kNN distribution of every datastore entry; returns the targets manifest."""
     run = RunDir(config.run_dir)
@@ -54,13 +92,16 @@ def build_targets(config: TargetsConfig) -> TargetsManifest:
             f"k ({config.k}) must be smaller than the datastore ({n} entries; each entry's own key is excluded)",
             field="k",
         )
-    index, _ = load_index(run.path, use_gpu="auto")
-    keys, values = run.array("datastore", "keys", datastore), run.array("datastore", "values", datastore)  # [N, d], [N]
+    index, _ = load_index(run.path, use_gpu="auto" if config.store else "no")
+    keys = key_source(run.path, datastore, config.device, config.batch_size)  # stored, or recomputed by the LM
+    values = run.array("datastore", "values", datastore)  # [N]
     nprobe = config.nprobe or index_manifest.nprobe
     width = min(config.width, config.k)
     n_chunks = -(-n // config.chunk_size)
 
     build = run.begin("targets", config, inputs)
+    if not config.store:  # disk-light: train-memory searches each batch's targets (SearchedTargets)
+        return build.complete(nprobe=nprobe, faiss_threads=faiss.omp_get_max_threads())
     tokens = build.add_array("tokens", "int32", (n, width))
     probs = build.add_array("probs", "float32", (n, width))
     gold = build.add_array("gold", "int32", (n,))
@@ -73,9 +114,7 @@ def build_targets(config: TargetsConfig) -> TargetsManifest:
     t0, computed = time.time(), 0
     for c in (c for c in range(n_chunks) if c not in done):
         a, b = c * config.chunk_size, min(n, (c + 1) * config.chunk_size)
-        dists, ids = search(index, keys[a:b], config.k + 1, batch=SEARCH_BATCH)  # [q, k+1]
-        dists, ids, found = drop_self(dists, ids, np.arange(a, b))
-        tok, prob = sparse_distribution(dists, neighbour_values(values, ids), config.knn_temperature, width)
+        tok, prob, found = knn_rows(index, values, keys.range(a, b), np.arange(a, b), config)
         tokens[a:b], probs[a:b], gold[a:b] = tok, prob, values[a:b]
         self_found[c] = int(found.sum())
         for array in (tokens, probs, gold, self_found):

@@ -31,6 +31,7 @@ from mlpmem.data.tokens import open_split
 from mlpmem.data.windows import Window, sliding_windows
 from mlpmem.devices import autocast, resolve_device, resolve_dtype
 from mlpmem.errors import UsageError
+from mlpmem.knn.targets import SearchedTargets
 from mlpmem.lm.forward import forward_windows
 from mlpmem.lm.keys import key_dim, key_module_path
 from mlpmem.lm.load import load_lm, run_lm_dir
@@ -167,11 +168,21 @@ class Targets:
         self.probs = run.array("targets", "probs")  # [N, w] float32, pad 0
         self.gold = run.array("targets", "gold")  # [N] int32
 
-    def rows(self, ids: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def rows(
+        self, ids: np.ndarray, device: torch.device, keys: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens [n, w], probs [n, w], gold [n] of entries ``ids`` (``keys`` serve searched targets only)."""
+
         def read(arr: np.ndarray, dtype: type) -> torch.Tensor:
             return torch.from_numpy(np.asarray(arr[ids], dtype=dtype)).to(device)
 
         return read(self.tokens, np.int64), read(self.probs, np.float32), read(self.gold, np.int64)
+
+
+def open_targets(run_dir: Path) -> Targets | SearchedTargets:
+    """The stored targets, or (``targets --store false``) targets searched for each batch from its keys."""
+    manifest = RunDir(run_dir).require("targets")
+    return Targets(run_dir) if manifest.stored else SearchedTargets(run_dir, manifest)
 
 
 @torch.no_grad()
@@ -192,7 +203,7 @@ def validate(
         chunk = ids[i : i + batch_size]
         with autocast(device, dtype):
             logits = model(keys[i : i + batch_size].to(device))  # [b, V]
-        parts = memory_loss(logits, *targets.rows(chunk, device), alpha)
+        parts = memory_loss(logits, *targets.rows(chunk, device, keys[i : i + batch_size]), alpha)
         sums += np.array([p.item() for p in parts]) * len(chunk)
     model.train()
     loss, kl, ce = sums / max(1, len(ids))
@@ -202,9 +213,14 @@ def validate(
 # the stage ---------------------------------------------------------------------------------------------------
 def check_inputs(ds: DatastoreManifest, tg: TargetsManifest, config: TrainMemoryConfig) -> int:
     """The number of entries, after checking targets and datastore belong together; UsageError otherwise."""
-    if tg.entries != ds.entries:
+    if tg.stored and tg.entries != ds.entries:
         raise UsageError(
             f"the targets have {tg.entries} rows, the datastore {ds.entries} entries; rerun `mlpmem targets`"
+        )
+    if config.mode == "offline" and "keys" not in ds.arrays:
+        raise UsageError(
+            "the datastore stores no keys (datastore --keys streamed); use --mode online to recompute them",
+            field="mode",
         )
     if config.valid_size >= ds.entries:
         raise UsageError(
@@ -222,6 +238,12 @@ def memory_key_layer(config: TrainMemoryConfig, ds: DatastoreManifest, lm: PreTr
     if config.key_layer is None and config.key_depth is None:
         return ds.key_layer
     layer = key_module_path(lm, config.key_layer, config.key_depth)
+    if layer != ds.key_layer and not RunDir(config.run_dir).require("targets").stored:
+        raise UsageError(
+            f"targets searched per batch need the datastore's key layer ({ds.key_layer}), not {layer}; "
+            "store the targets (targets --store true) to train on another layer",
+            field="key_layer" if config.key_layer is not None else "key_depth",
+        )
     if layer != ds.key_layer and config.mode == "offline":
         raise UsageError(
             f"offline mode reads the datastore's keys ({ds.key_layer}); use --mode online to read {layer}", field="mode"
@@ -405,7 +427,7 @@ def fit(
     total_steps = max(1, math.ceil(config.epochs * source.n_units / per_step))
     scheduler = make_scheduler(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
     restore_scheduler(scheduler, optimizer, state)
-    targets = Targets(Path(config.run_dir))
+    targets = open_targets(Path(config.run_dir))
     valid_ids = np.arange(source.n_train, n_entries)
     valid_keys = source.keys_for(valid_ids, torch.device("cpu")) if len(valid_ids) else None  # [n_valid, d]
     loop = LoopState.from_checkpoint(state)
@@ -429,8 +451,9 @@ def fit(
         t0 = time.perf_counter()
         ids, keys = source.batch(units_for_step(loop.step, per_step, source.n_units, config.seed)[rank::world], device)
         lr = scheduler.get_last_lr()[0]
+        rows = targets.rows(ids, device, keys)
         loss, kl, ce = train_step(
-            memory, keys, targets.rows(ids, device), config, accelerator, optimizer, scheduler, device, dtype, loop.step
+            memory, keys, rows, config, accelerator, optimizer, scheduler, device, dtype, loop.step
         )
         loop.step += 1
         seconds = time.perf_counter() - t0
