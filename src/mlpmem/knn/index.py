@@ -8,9 +8,10 @@ Default factory from the datastore size N and key width d:
     64-byte codes, the reference size), else the largest leaving sub-vectors of >= 2 dims (d = 32 -> PQ16),
     else ``IVF{nlist},Flat``. nprobe defaults to min(32, nlist).
 The quantizers are trained on a seeded random sample; keys are added in float32 chunks (never a full float32
-copy); PQ codes skip polysemous training (used only for Hamming filtering, never here). The CPU index is
-written atomically to ``RUN/index/index.faiss``; a factory whose lists outnumber the training keys is refused before
-any work.
+copy); PQ codes skip polysemous training (used only for Hamming filtering, never here). Under a launch of N
+processes each encodes its block of keys and the main process merges them (``mlpmem.knn.index_shards``). The CPU
+index is written atomically to ``RUN/index/index.faiss``; a factory whose lists outnumber the training keys is
+refused before any work.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import numpy as np
 
 from mlpmem.artifacts import RunDir, disk_errors
 from mlpmem.config import IndexConfig
+from mlpmem.distributed import begin_shared, process_state
 from mlpmem.errors import UsageError
+from mlpmem.knn.index_shards import add_in_chunks, add_sharded, shardable
 from mlpmem.manifests import IndexManifest
 
 INDEX_FILE = "index.faiss"
@@ -132,9 +135,10 @@ def build_index(config: IndexConfig) -> IndexManifest:
     check_trainable(nlist, n_train, factory)
     nprobe = config.nprobe or (min(32, nlist) if nlist else None)
 
-    build = run.begin("index", config, inputs)
+    state, _ = process_state("auto")
+    build = begin_shared(run, "index", config, inputs, state)
     t0 = time.time()
-    if not index.is_trained:
+    if state.is_main_process and not index.is_trained:
         rows = np.sort(np.random.default_rng(config.seed).choice(n, n_train, replace=False))
         sample = np.ascontiguousarray(keys[rows], dtype=np.float32)  # [n_train, d]
         try:
@@ -145,12 +149,23 @@ def build_index(config: IndexConfig) -> IndexManifest:
             ) from None
         del sample
     train_seconds = time.time() - t0
-    for a in range(0, n, config.add_chunk):
-        index.add(np.ascontiguousarray(keys[a : a + config.add_chunk], dtype=np.float32))
-    if on_gpu:
-        index = faiss.index_gpu_to_cpu(index)
+    if state.num_processes > 1 and shardable(index):  # each rank encodes its block on the CPU
+        trained = (faiss.index_gpu_to_cpu(index) if on_gpu else index) if state.is_main_process else None
+        index = add_sharded(trained, keys, config.add_chunk, state, build.dir)
+    elif state.is_main_process:
+        add_in_chunks(index, keys, 0, n, config.add_chunk, with_ids=False)
+        index = faiss.index_gpu_to_cpu(index) if on_gpu else index
+    if state.is_main_process:
+        save_index(build, index, nprobe, train_seconds, time.time() - t0, on_gpu, factory, nlist)
+    state.wait_for_everyone()
+    return run.require("index")
+
+
+def save_index(
+    build, index: faiss.Index, nprobe, train_seconds: float, build_seconds: float, on_gpu: bool, factory, nlist
+):
+    """Write the filled CPU index atomically and complete the stage (main process)."""
     set_nprobe(index, nprobe)
-    build_seconds = time.time() - t0
 
     tmp = build.dir / f".{INDEX_FILE}.tmp"
     with disk_errors(build.dir / INDEX_FILE):
@@ -165,7 +180,7 @@ def build_index(config: IndexConfig) -> IndexManifest:
         "train_seconds": round(train_seconds, 2),
         "build_seconds": round(build_seconds, 2),
     }
-    return build.complete(
+    build.complete(
         factory=factory,
         nlist=nlist,
         nprobe=nprobe,
