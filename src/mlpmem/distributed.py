@@ -163,3 +163,10 @@ def gather_to_main(obj: Any, state) -> list[Any] | None:
     out = [None] * state.num_processes if state.is_main_process else None
     torch.distributed.gather_object(obj, out, dst=0)
     return out
+
+
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums of ``values`` over every process (a tensor on ``device``: NCCL needs the GPU)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()

@@ -55,7 +55,9 @@ def add_sharded(index: faiss.Index | None, keys: np.ndarray, chunk: int, state, 
         ivf = faiss.extract_index_ivf(index)
         for r in range(1, world):
             path = folder / SHARD.format(rank=r)
-            ivf.merge_from(faiss.extract_index_ivf(faiss.read_index(str(path))), 0)
+            shard = faiss.read_index(str(path))  # kept referenced while merging (FAISS holds a raw pointer)
+            ivf.merge_from(faiss.extract_index_ivf(shard), 0)
+            del shard
             path.unlink()
         (folder / TRAINED).unlink()
     return index
