@@ -133,11 +133,12 @@ def window_sizes(config: EvaluateConfig, sources: Sources, lm: PreTrainedModel) 
     return context, stride
 
 
-def plan_memory(plan: Plan, run: RunDir, device) -> None:
+def plan_memory(plan: Plan, run: RunDir, device, config: EvaluateConfig) -> None:
     """The run's memory, paired with the LM evaluated (its model, module, width and vocabulary)."""
     from mlpmem.memory.model import check_pairing, load_memory
+    from mlpmem.memory.quantize import quantize_memory
 
-    memory = load_memory(run.path, device)
+    memory = quantize_memory(load_memory(run.path, device), config.memory_dtype)
     plan.memory_layer = check_pairing(memory.config, plan.lm, plan.sources.model_fp)
     plan.memory = memory
 
@@ -198,7 +199,7 @@ def plan_evaluation(config: EvaluateConfig, run: RunDir, survey: Survey, device=
     context, stride = window_sizes(config, survey.sources, lm)
     plan = Plan(survey.sources, lm, context, stride, overlap=survey.overlap, inputs=survey.inputs)
     if survey.use_memory:
-        plan_memory(plan, run, device)
+        plan_memory(plan, run, device, config)
     if survey.use_knn:
         plan_knn(plan, run, config)
     return plan
