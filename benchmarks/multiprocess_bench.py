@@ -30,13 +30,14 @@ from mlpmem.artifacts import Environment, RunDir
 STAGES = ("datastore", "index", "targets", "train-memory", "evaluate")
 
 
-def scratch(run: RunDir, stage: str, folder: Path) -> Path:
-    """A run directory linking every complete stage of RUN but ``stage``, and ``stage``'s config as YAML."""
+def scratch(run: RunDir, stage: str, folder: Path, changes: dict[str, object]) -> Path:
+    """A run directory linking every complete stage of RUN but ``stage``, and ``stage``'s config (with ``changes``)
+    as YAML."""
     folder.mkdir(parents=True)
     for other in run.path.iterdir():
         if other.is_dir() and other.name != stage and (other / "manifest.json").is_file():
             (folder / other.name).symlink_to(other.resolve())
-    config = run.require(stage).config.model_dump(mode="json", exclude={"run_dir"})
+    config = {**run.require(stage).config.model_dump(mode="json", exclude={"run_dir"}), **changes}
     (folder / "stage.yaml").write_text(yaml.safe_dump(config))
     return folder
 
@@ -50,10 +51,12 @@ def command(stage: str, folder: Path, processes: int, threads: int | None) -> li
     return [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0", *cli]
 
 
-def measure(run: RunDir, stage: str, processes: int, threads: int | None, work: Path) -> dict[str, float]:
+def measure(
+    run: RunDir, stage: str, processes: int, threads: int | None, work: Path, changes: dict[str, object]
+) -> dict[str, float]:
     """Build ``stage`` once with ``processes`` processes of ``threads`` threads (None: the cores shared out); its
     build seconds and the command's wall seconds."""
-    folder = scratch(run, stage, work / f"{stage}-{processes}-{time.time_ns()}")
+    folder = scratch(run, stage, work / f"{stage}-{processes}-{time.time_ns()}", changes)
     t0 = time.perf_counter()
     out = subprocess.run(command(stage, folder, processes, threads), capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -78,10 +81,18 @@ def main() -> None:
         choices=["1x", "1x1", "Nx"],
         help="1x: one process on every core; 1x1: one process, one thread; Nx: N processes",
     )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="STAGE.FIELD=VALUE",
+        help="change a stage's config from RUN's (a YAML value), e.g. train-memory.epochs=1",
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     run = RunDir(args.run_dir)
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     work = Path(tempfile.mkdtemp(prefix="mp-bench-", dir=args.work_dir))
     results = {}
     known = {"1x": (1, None), "1x1": (1, 1), "Nx": (args.processes, None)}
@@ -90,7 +101,8 @@ def main() -> None:
         runs = {name: [] for name in setups}
         for _ in range(args.repeats):
             for name, (p, t) in setups.items():
-                runs[name].append(measure(run, stage, p, t, work))
+                changes = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.split(".", 1)[0] == stage}
+                runs[name].append(measure(run, stage, p, t, work, changes))
                 print(stage, name, runs[name][-1], file=sys.stderr, flush=True)
         med = {
             n: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "wall_seconds")} for n, rs in runs.items()
@@ -109,18 +121,24 @@ def main() -> None:
             for n, m in singles.items()
         )
         print(f"{stage:<14} {args.processes}x: {many['seconds']:.1f}s  {shown}", flush=True)
+        if args.out:  # after every stage: a long run keeps what it measured
+            write_report(args, results, overrides)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def write_report(args: argparse.Namespace, results: dict, overrides: dict) -> None:
+    """The measurements so far, with the settings and the machine's load, as JSON (``--out``)."""
     report = {
         "run_dir": str(args.run_dir),
         "processes": args.processes,
         "repeats": args.repeats,
+        "changes": overrides,
         "cpu_cores": len(os.sched_getaffinity(0)),
-        "load_average_at_end": os.getloadavg(),
+        "load_average": os.getloadavg(),
         "stages": results,
         "provenance": Environment.current().model_dump(),
     }
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
