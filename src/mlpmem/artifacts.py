@@ -162,7 +162,8 @@ def git_commit() -> str | None:
 
 
 class Environment(BaseModel):
-    """What produced an artifact: package version and commit, Python and torch versions, platform, CPU threads."""
+    """What produced an artifact: package version and commit, Python and torch versions, platform, CPU threads and
+    processes."""
 
     mlpmem: str
     git_commit: str | None = None
@@ -170,6 +171,7 @@ class Environment(BaseModel):
     torch: str
     platform: str
     threads: int | None = None  # torch's CPU threads (the stage's --threads; FAISS uses as many)
+    processes: int | None = None  # processes of the launch that built it (accelerate launch / torchrun; else 1)
 
     @classmethod
     def current(cls) -> Environment:
@@ -182,6 +184,7 @@ class Environment(BaseModel):
             torch=torch.__version__,
             platform=platform.platform(),
             threads=torch.get_num_threads(),
+            processes=int(os.environ.get("WORLD_SIZE", "1")),
         )
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from mlpmem import __version__
+from mlpmem.artifacts import RunDir
 from mlpmem.config import StageConfig, load_yaml, validate
 from mlpmem.errors import UsageError
 from mlpmem.presets import load_pipeline, preset_names
@@ -194,13 +195,29 @@ def call_stage(stage: str, config: StageConfig) -> tuple[Any, bool]:
     spec = stage_spec(stage)
     set_threads(config.threads)
     t0 = time.time()
-    result = spec.function()(config)
+    result = run_stage_function(spec, config)
     reused = spec.builds and manifest_reused(result, t0)
     if reused:
         log.info("%s: reused (complete, same config and inputs): %s", stage, Path(config.run_dir) / stage)
     elif spec.builds:
         log.info("%s: done in %.1fs: %s", stage, time.time() - t0, Path(config.run_dir) / stage)
     return result, reused
+
+
+def run_stage_function(spec, config: StageConfig) -> Any:
+    """The stage's function. Under a launch of several processes, a stage that does not share its work runs in the
+    main process while the others wait, then read its manifest; an action (generate, bench...) is refused."""
+    from mlpmem.distributed import check_launch, launched_processes, process_state
+
+    check_launch()
+    if launched_processes() == 1 or spec.multi_process:
+        return spec.function()(config)
+    if not spec.builds:
+        raise UsageError(f"`mlpmem {spec.name}` runs in one process; start it without accelerate launch / torchrun")
+    state, _ = process_state(getattr(config, "device", "auto"))
+    result = spec.function()(config) if state.is_main_process else None
+    state.wait_for_everyone()
+    return result if state.is_main_process else RunDir(config.run_dir).require(spec.name)
 
 
 def manifest_reused(manifest: Any, started: float) -> bool:
@@ -211,8 +228,6 @@ def manifest_reused(manifest: Any, started: float) -> bool:
 # locking, default run directories ----------------------------------------------------------------------------
 def lock_run(run_dir: Path, command: str):
     """The run directory's lock, taken by the main process only (other ranks of a launch work under it)."""
-    from mlpmem.artifacts import RunDir
-
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
         return contextlib.nullcontext()
     return RunDir(run_dir).lock(command)

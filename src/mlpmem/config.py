@@ -19,6 +19,8 @@ Device = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Weight = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]  # a mixing weight λ
 Temperature = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # T of softmax(-d/T)
+MemoryDType = Literal["fp32", "bf16", "int8"]
+MEMORY_DTYPE_HELP = "the memory's weights: fp32, bf16, or int8 (weight-only, one scale per output channel)"
 
 
 def setting(default: Any, description: str, **kwargs: Any) -> Any:
@@ -157,6 +159,7 @@ class EvaluateConfig(StageConfig):
     k: int = Field(256, ge=1, description="neighbours retrieved per token for kNN-LM")
     nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
     rerank: bool = Field(False, description="re-rank IVF-PQ neighbours with exact distances from stored keys")
+    memory_dtype: MemoryDType = Field("fp32", description=MEMORY_DTYPE_HELP)
     knn_temperatures: list[Temperature] = Field(
         [1.0, 2.0, 5.0, 10.0, 20.0, 50.0], min_length=1, description="T grid tuned on valid (an edge T is flagged)"
     )
@@ -285,6 +288,7 @@ class GenerateConfig(StageConfig):
     k: int = Field(256, ge=1, description="neighbours retrieved per token for kNN-LM")
     nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
     seed: int = Field(0, description="random seed (sampling)")
+    memory_dtype: MemoryDType = Field("fp32", description=MEMORY_DTYPE_HELP)
     device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
@@ -305,6 +309,7 @@ class ExportConfig(StageConfig):
     license: str = Field(
         "other", description="licence of the exported weights for the model card (HF identifier, e.g. apache-2.0)"
     )
+    memory_dtype: MemoryDType = Field("fp32", description=MEMORY_DTYPE_HELP + ", stored as such in the folder")
 
 
 class LmEvalConfig(StageConfig):
@@ -350,6 +355,13 @@ class BenchConfig(StageConfig):
     optimisations: list[Literal["bf16", "int8", "compile"]] = Field(
         ["bf16", "int8", "compile"], description="memory speed-ups to time against the eager float32 memory"
     )
+    memory_dtype: MemoryDType = Field(
+        "fp32", description=MEMORY_DTYPE_HELP + "; the memory of the mlp-memory, kNN-LM ratio and long-context rows"
+    )
+    long_context: int = Field(
+        1024, ge=16, description="KV-cache length of the base + memory vs equal-parameter decoder comparison"
+    )
+    fidelity_tokens: int = Field(4096, ge=16, description="valid tokens whose keys measure each variant's KL to fp32")
     keep_indexes: bool = Field(
         False, description="keep the synthetic indexes under OUT_DIR/work (else deleted after timing)"
     )

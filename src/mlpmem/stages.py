@@ -54,6 +54,7 @@ class StageSpec:
     help: str
     report: str | None = None  # "module:function" printing the result on the terminal (the CLI calls it)
     locks: bool | None = None  # takes the run's lock; None: when it builds a stage
+    multi_process: bool = False  # shares its work between the processes of a launch (accelerate launch, torchrun)
 
     @property
     def section(self) -> str:
@@ -95,6 +96,7 @@ STAGES: tuple[StageSpec, ...] = (
         "mlpmem.lm.train:train_lm",
         ("prepare",),
         "train the base LM (GPT-2 from scratch, or continue an HF model)",
+        multi_process=True,
     ),
     StageSpec(
         "datastore",
@@ -103,6 +105,7 @@ STAGES: tuple[StageSpec, ...] = (
         "mlpmem.knn.datastore:build_datastore",
         ("prepare", "train-lm"),
         "store keys (an FFN input of the LM) and next tokens of a split",
+        multi_process=True,
     ),
     StageSpec(
         "index",
@@ -111,6 +114,7 @@ STAGES: tuple[StageSpec, ...] = (
         "mlpmem.knn.index:build_index",
         ("datastore",),
         "build the FAISS index over the datastore keys",
+        multi_process=True,
     ),
     StageSpec(
         "targets",
@@ -119,6 +123,7 @@ STAGES: tuple[StageSpec, ...] = (
         "mlpmem.knn.targets:build_targets",
         ("datastore", "index"),
         "kNN target distributions for every datastore entry",
+        multi_process=True,
     ),
     StageSpec(
         "train-memory",
@@ -127,6 +132,7 @@ STAGES: tuple[StageSpec, ...] = (
         "mlpmem.memory.train:train_memory",
         ("train-lm", "datastore", "targets"),
         "train the MLP memory to imitate the kNN targets",
+        multi_process=True,
     ),
     StageSpec(
         "evaluate",
@@ -136,6 +142,7 @@ STAGES: tuple[StageSpec, ...] = (
         ("prepare", "train-lm", "datastore", "index", "train-memory"),
         "perplexity of base, kNN-LM, MLP memory and both",
         report="mlpmem.evaluate.report:print_results",
+        multi_process=True,
     ),
     StageSpec(
         "generate",

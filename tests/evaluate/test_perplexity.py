@@ -87,13 +87,21 @@ def test_evaluate_stage_records_results_for_the_base_lm(tiny_run):
     assert again.timings == manifest.timings  # device and batch size do not define the stage: reused
 
 
-def memory_row_reference(run, manifest, split):
+def memory_row_reference(run, manifest, split, dequantise=False):
     """The memory row's perplexity recomputed with one plain forward per window, the memory's key (block 0) from a
-    hook written here (rounded to fp16, as evaluate keeps keys), the mixture formed in probability space."""
+    hook written here (rounded to fp16, as evaluate keeps keys), the mixture formed in probability space.
+    ``dequantise``: every Linear weight replaced by its int8 codes times their row's scale, in float32."""
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(run / "train-lm" / "model").eval()
     memory = MLPMemory.from_pretrained(run / "train-memory" / "model").eval()
+    if dequantise:
+        from mlpmem.memory.quantize import Int8Linear
+
+        with torch.no_grad():
+            for module in memory.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.copy_(Int8Linear.from_linear(module).dequantized())
     lmbda = manifest.system("mlp-memory").lmbda
     toks = np.asarray(RunDir(run).array("prepare", split), dtype=np.int64)
     captured = {}
@@ -150,6 +158,18 @@ def test_memory_and_knn_rows_read_their_own_layers_and_match_independent_referen
         assert getattr(manifest.system("knn-lm"), f"{split}_ppl") == pytest.approx(
             knn_row_reference(generation_run, manifest, split, k=16), rel=1e-4
         )
+
+
+def test_an_int8_memory_is_scored_with_its_dequantised_weights(generation_run):
+    """--memory-dtype int8: the memory row equals the reference with the int8 weights dequantised (bf16
+    activations aside), is recorded as a different stage identity, and stays near the float32 row."""
+    fp32 = evaluate(evaluate_config(generation_run).model_copy(update={"knn": False}))
+    manifest = evaluate(evaluate_config(generation_run).model_copy(update={"knn": False, "memory_dtype": "int8"}))
+    assert manifest.config.memory_dtype == "int8" and manifest.timings != fp32.timings  # rebuilt, not reused
+    for split in ("valid", "test"):
+        got = getattr(manifest.system("mlp-memory"), f"{split}_ppl")
+        assert got == pytest.approx(memory_row_reference(generation_run, manifest, split, dequantise=True), rel=2e-3)
+        assert got == pytest.approx(getattr(fp32.system("mlp-memory"), f"{split}_ppl"), rel=2e-2)
 
 
 def assert_untouched(run):

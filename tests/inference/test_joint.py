@@ -276,3 +276,26 @@ def test_knn_export_whose_run_lost_its_index_or_datastore_is_refused(generation_
         load(folder)
     message = str(err.value)
     assert "\n" not in message and str(path) in message, message
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bf16"])
+def test_memory_dtype_is_stored_in_the_export_and_loads_back(generation_run_template, tmp_path, dtype):
+    """--memory-dtype: the folder holds the low-precision weights (int8 codes + scales, or bf16) and loads back to
+    exactly the joint model built from the run at that dtype; the LM is untouched."""
+    from mlpmem.memory.quantize import quantize_memory
+
+    out = tmp_path / dtype
+    argv = ["export", "--run-dir", str(generation_run_template), "--out", str(out), "--lmbda", "0.4"]
+    assert main([*argv, "--memory-dtype", dtype]) == 0
+    weights = load_file(out / "model.safetensors")
+    head = {"int8": torch.int8, "bf16": torch.bfloat16}[dtype]
+    assert weights["memory.head.weight"].dtype == head and weights["lm.transformer.wte.weight"].dtype == torch.float32
+    assert ("memory.head.scale" in weights) == (dtype == "int8")
+    model = load(out)
+    mlm = MemoryAugmentedLM.from_run(generation_run_template, lmbda=0.4, device="cpu", memory_dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ROWS).logits, mlm.joint_log_probs(ROWS), rtol=0, atol=0)
+        # the stored memory is the float32 one quantised here, tensor for tensor
+        reference = quantize_memory(MemoryAugmentedLM.from_run(generation_run_template, device="cpu").memory, dtype)
+        for name, tensor in reference.state_dict().items():
+            assert torch.equal(model.memory.state_dict()[name], tensor), name

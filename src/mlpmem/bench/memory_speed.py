@@ -3,9 +3,9 @@
 Variants (each a module keys [..., d] -> logits [..., V] that ``MemoryAugmentedLM`` accepts as its memory):
   * ``eager``: the saved ``MLPMemory`` as loaded (float32);
   * ``plain``: the same weights behind a forward without the checks and casts of ``MLPMemory.forward``;
-  * ``bf16``: plain in bfloat16 (native on GPUs and on CPUs with avx512_bf16 / AMX);
-  * ``int8``: plain with dynamically quantised int8 Linear layers (``torch.ao.quantization.quantize_dynamic``,
-    CPU only): the weights, which a one-token step streams from memory, shrink four-fold;
+  * ``bf16``: the memory with bfloat16 Linear weights (``mlpmem.memory.quantize``; norms and logits float32);
+  * ``int8``: the memory with weight-only int8 Linear weights, one scale per output channel
+    (``mlpmem.memory.quantize``): the weights, which a one-token step streams from memory, shrink four-fold;
   * ``compile``: ``torch.compile`` of plain (fused element-wise ops, less Python per call).
 """
 
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
+
+from mlpmem.memory.quantize import quantize_memory
 
 
 class PlainMemory(nn.Module):
@@ -60,15 +61,9 @@ def memory_variants(
     }
     for name in names:
         if name == "bf16":
-            out[name] = (PlainMemory(memory, torch.bfloat16).to(device), "bfloat16 weights and activations")
+            out[name] = (quantize_memory(memory, "bf16"), "bfloat16 Linear weights, float32 norms and logits")
         elif name == "int8":
-            if device.type != "cpu":
-                out[name] = (None, "dynamic int8 quantisation runs on CPU only")
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                q = torch.ao.quantization.quantize_dynamic(PlainMemory(memory), {nn.Linear}, dtype=torch.qint8)
-            out[name] = (q, "dynamic int8 Linear (fbgemm), float32 activations")
+            out[name] = (quantize_memory(memory, "int8"), "weight-only int8 Linear, per-output-channel scales")
         elif name == "compile":
             out[name] = (
                 torch.compile(PlainMemory(memory).to(device), dynamic=False),
@@ -102,12 +97,14 @@ def time_variants(
     calls: int = 300,
     rounds: int = 6,
     seed: int = 0,
+    probe: torch.Tensor | None = None,
 ) -> list[dict]:
     """Per-token (batch 1) ms of each variant and its fidelity: the largest |Δ log p| against eager float32 and the
-    mean KL(eager ‖ variant) over 256 random keys. The first call (compilation) is timed apart; then ``rounds``
-    rounds visit the variants in turn, ``calls / rounds`` calls each, and the median call is reported."""
+    mean KL(eager ‖ variant) over ``probe`` keys [n, d] (the LM's keys of valid tokens; default 256 random keys).
+    The first call (compilation) is timed apart; then ``rounds`` rounds visit the variants in turn, ``calls /
+    rounds`` calls each, and the median call is reported."""
     g = torch.Generator().manual_seed(seed)
-    probe = torch.randn(256, key_dim, generator=g).to(device)  # fidelity keys
+    probe = (probe if probe is not None else torch.randn(256, key_dim, generator=g)).to(device)  # fidelity keys
     one = torch.randn(1, 1, key_dim, generator=g).to(device)  # one decode step's key
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     reference = torch.log_softmax(memory(probe).float(), -1)  # [256, V]
@@ -124,7 +121,7 @@ def time_variants(
         except Exception as err:  # noqa: BLE001  (a back-end missing here: report it, do not abort the benchmark)
             row["note"] = f"{note}: failed ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
             continue
-        kl = (reference.exp() * (reference - log_p)).sum(-1).mean()
+        kl = mean_kl(reference, log_p)
         row.update(
             max_abs_log_prob_diff=round(float((reference - log_p).abs().max()), 5),
             mean_kl=float(f"{float(kl):.3g}"),
@@ -139,6 +136,11 @@ def time_variants(
     for name, (row, _) in ready.items():
         row["ms_per_token"] = round(float(np.median(samples[name])), 4)
     return rows
+
+
+def mean_kl(reference: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p_ref ‖ p) from log-probs [n, V]."""
+    return (reference.exp() * (reference - log_p)).sum(-1).mean()
 
 
 def parameter_bytes(module: nn.Module) -> int:

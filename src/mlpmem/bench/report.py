@@ -138,6 +138,14 @@ def summary_lines(report: dict) -> str:
         "storage (datastore + index) / memory: " + ", ".join(f"{k}: {v}x" for k, v in s["storage_over_memory"].items()),
         f"crossover: {s['crossover']['size'] or '-'} ({s['crossover']['note']})",
     ]
+    if "targets" in s:
+        t, long = s["targets"], report["long_context"]
+        lines.append(
+            f"targets (memory {long['memory_dtype']}): int8 KL to fp32 on valid keys {t['int8_kl_to_fp32_valid_keys']}"
+            f" (<= 1e-3); memory adds {t['memory_added_over_base_step']}x the base step (<= 0.5); "
+            f"decoder-equal-params / (base + memory) at context {long['context']}: "
+            f"{t['decoder_equal_over_memory_at_long_context']}x (>= 1.3)"
+        )
     if s.get("noisy"):
         lines.append(f"NOISY TIMINGS ({', '.join(s['noisy'])}): {s['noise_note']}")
     return "\n".join(lines)

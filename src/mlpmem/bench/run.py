@@ -41,6 +41,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from mlpmem.artifacts import Environment, RunDir, atomic_write_json
+from mlpmem.bench.long_context import long_context_decode
 from mlpmem.bench.memory_speed import parameter_bytes, time_variants
 from mlpmem.bench.overhead import free_memory_lm, mixing_overhead
 from mlpmem.bench.report import output_dir, plot
@@ -53,6 +54,7 @@ from mlpmem.inference.generation import MemoryAugmentedLM
 from mlpmem.knn.retriever import KnnRetriever
 from mlpmem.lm.keys import key_dim, key_module_path
 from mlpmem.lm.load import load_lm, max_positions, run_lm_dir
+from mlpmem.memory.quantize import quantize_memory
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ QUICK = {
     "prompt_tokens": 16,
     "score_batch": 4,
     "score_context": 64,
+    "long_context": 512,
+    "fidelity_tokens": 1024,
 }
 FAITHFUL_KL = 1e-3  # a speed-up is used end to end only when its mean KL to the eager memory stays below this
 FREE = "hooks+mixing only"
@@ -84,7 +88,9 @@ class Setup:
     run: RunDir
     model_fp: str
     lm: PreTrainedModel
-    memory: nn.Module
+    memory: nn.Module  # float32: the reference of every variant
+    used: nn.Module  # the memory at --memory-dtype: the mlp-memory, kNN-LM ratio and long-context rows
+    valid_keys: torch.Tensor | None  # [n, d] the LM's keys at the memory's layer over valid tokens (fidelity)
     trained: bool  # the run's memory (else random init)
     memory_layer: str
     knn_layer: str  # where kNN-LM's queries come from: the run's datastore's layer, else the default key layer
@@ -150,6 +156,8 @@ def setup(config: BenchConfig) -> Setup:
             field="new_tokens",
         )
     memory, memory_layer, trained = load_memory_for(run, lm, model_fp, config, device)
+    used = quantize_memory(memory, config.memory_dtype)
+    valid_keys = fidelity_keys(run, lm, memory_layer, config.fidelity_tokens)
     datastore = own_datastore(run, model_fp)
     knn_layer = key_module_path(lm, datastore.key_layer if datastore is not None else None)
     vocab = int(lm.config.vocab_size)
@@ -163,6 +171,8 @@ def setup(config: BenchConfig) -> Setup:
         model_fp,
         lm,
         memory,
+        used,
+        valid_keys,
         trained,
         memory_layer,
         knn_layer,
@@ -175,11 +185,26 @@ def setup(config: BenchConfig) -> Setup:
     )
 
 
+def fidelity_keys(run: RunDir, lm: PreTrainedModel, layer: str, n_tokens: int) -> torch.Tensor | None:
+    """The LM's keys at ``layer`` [n, d] over the first ``n_tokens`` valid tokens (None without a valid split)."""
+    from mlpmem.evaluate.scoring import score_tokens
+
+    prepare = run.complete("prepare")
+    if prepare is None or "valid" not in prepare.arrays:
+        return None
+    tokens = run.array("prepare", "valid", prepare)[:n_tokens]
+    context = min(max_positions(lm) or 1024, 1024)
+    scored = score_tokens(lm, tokens, context, max(1, context // 2), 8, [layer], desc="bench: valid keys")
+    return torch.from_numpy(scored.keys[layer].astype(np.float32))
+
+
 # measurements ---------------------------------------------------------------------------------------------------
 def measure_memory_variants(s: Setup, config: BenchConfig) -> tuple[list[dict], list[dict]]:
-    """(every variant's row, the faithful speed-ups: mean KL to eager <= FAITHFUL_KL)."""
+    """(every variant's row, the faithful speed-ups: mean KL to eager <= FAITHFUL_KL on valid keys)."""
     log.info("bench: memory per-token cost (variants: eager, plain, %s)", ", ".join(config.optimisations))
-    variants = time_variants(s.memory, config.optimisations, key_dim(s.lm, s.memory_layer), s.device)
+    variants = time_variants(
+        s.memory, config.optimisations, key_dim(s.lm, s.memory_layer), s.device, probe=s.valid_keys
+    )
     faithful = [
         v for v in variants if v["variant"] != "eager" and v["ms_per_token"] is not None and v["mean_kl"] <= FAITHFUL_KL
     ]
@@ -242,10 +267,10 @@ def measure_fixed_systems(s: Setup, config: BenchConfig, faithful: list[dict]) -
     the equal-size decoder, in interleaved rounds."""
     log.info("bench: decode latency and scoring throughput of base, memory, equal-size decoder")
     decoder, decoder_layers = decoder_equal_params(s.lm, s.base_params + s.memory_params, s.device)
-    mlm = MemoryAugmentedLM(s.lm, memory=s.memory, lmbda=config.lmbda, memory_layer=s.memory_layer)
+    mlm = MemoryAugmentedLM(s.lm, memory=s.used, lmbda=config.lmbda, memory_layer=s.memory_layer)
     decode = {"base": plain_generate(s.lm), "mlp-memory": mlm.generate}
     score = {"base": plain_score(s.lm), "mlp-memory": mlm.joint_log_probs}
-    sizes = {"base": parameter_bytes(s.lm), "mlp-memory": parameter_bytes(s.memory), DECODER: parameter_bytes(decoder)}
+    sizes = {"base": parameter_bytes(s.lm), "mlp-memory": variant_bytes(s.used), DECODER: parameter_bytes(decoder)}
     for v in faithful:  # in a decode step the memory's weights compete with the LM's for cache: time them there
         name = f"mlp-memory+{v['variant']}"
         fast = MemoryAugmentedLM(s.lm, memory=v["module"], lmbda=config.lmbda, memory_layer=s.memory_layer)
@@ -363,6 +388,32 @@ def measure_knn(
     return row
 
 
+def measure_long_context(s: Setup, config: BenchConfig, fixed: FixedSystems) -> dict[str, Any]:
+    """Base, base + memory (at --memory-dtype) and the equal-parameter decoder decoding with a KV cache of
+    ``long_context`` tokens (random-init transformers of the LM's architecture: see ``mlpmem.bench.long_context``)."""
+    log.info("bench: base + memory vs equal-parameter decoder at context %d", config.long_context)
+    spread = long_context_decode(
+        s.lm,
+        s.used,
+        s.memory_layer,
+        fixed.decoder_layers,
+        config.long_context,
+        config.new_tokens,
+        config.repeats,
+        config.lmbda,
+    )
+    ms = {name: t.median for name, t in spread.items()}
+    return {
+        "context": config.long_context,
+        "memory_dtype": config.memory_dtype,
+        "ms_per_token": {name: round(v, 4) for name, v in ms.items()},
+        "ms_spread": {name: t.rounded() for name, t in spread.items()},
+        "noisy": sorted(name for name, t in spread.items() if t.noisy),
+        "memory_added_over_base_step": round(ms["mlp-memory"] / ms["base"] - 1, 3),
+        "decoder_equal_over_memory": round(ms[DECODER] / ms["mlp-memory"], 3),
+    }
+
+
 # summary --------------------------------------------------------------------------------------------------------
 def crossover(knn_rows: list[dict], memory_ms: float) -> dict[str, Any]:
     """The datastore size where kNN-LM's decode step becomes slower than the memory's (log-linear interpolation
@@ -383,12 +434,23 @@ def crossover(knn_rows: list[dict], memory_ms: float) -> dict[str, Any]:
     return {"size": None, "note": f"kNN-LM stays faster than the memory up to {rows[-1]['datastore_size']} entries"}
 
 
-def summarise(fixed: FixedSystems, knn_rows: list[dict], variants: list[dict], best: dict | None) -> dict[str, Any]:
-    """bench.json's ``summary``: ratios, crossover sizes, mixing overhead and the memory speed-up."""
+def summarise(
+    fixed: FixedSystems, knn_rows: list[dict], variants: list[dict], best: dict | None, long: dict[str, Any]
+) -> dict[str, Any]:
+    """bench.json's ``summary``: ratios, crossover sizes, mixing overhead, the memory speed-up and the targets."""
     ms = fixed.ms
     best_name = f"mlp-memory+{best['variant']}" if best else None
     eager = next(v for v in variants if v["variant"] == "eager")
+    int8 = next((v for v in variants if v["variant"] == "int8"), {})
     summary = {
+        "targets": {
+            "int8_kl_to_fp32_valid_keys": int8.get("mean_kl"),
+            "memory_added_over_base_step": round(ms["mlp-memory"] / ms["base"] - 1, 3),
+            "decoder_equal_over_memory_at_long_context": long["decoder_equal_over_memory"],
+            "knn_over_memory": {str(r["datastore_size"]): r["knn_over_memory"] for r in knn_rows},
+            "goals": "int8 KL <= 1e-3; memory added <= 0.5 of the base step; decoder / (base + memory) >= 1.3 at "
+            "the long context",
+        },
         "memory_over_base": round(ms["mlp-memory"] / ms["base"], 3),
         "decoder_equal_over_memory": round(ms[DECODER] / ms["mlp-memory"], 3),
         "crossover": crossover(knn_rows, ms["mlp-memory"]),
@@ -430,12 +492,14 @@ def bench(config: BenchConfig) -> dict[str, Any]:
         fixed = measure_fixed_systems(s, config, faithful)
         best = best_variant(variants, faithful, fixed)
         knn_rows = [measure_knn(store, config, s, fixed, best, work) for store in stores(config, s)]
+        long = measure_long_context(s, config, fixed)
     finally:
         if not config.keep_indexes:
             shutil.rmtree(work, ignore_errors=True)
     report = {
         "results": fixed.rows + knn_rows,
-        "summary": summarise(fixed, knn_rows, variants, best),
+        "summary": summarise(fixed, knn_rows, variants, best, long),
+        "long_context": long,
         "memory_variants": [{k: v for k, v in row.items() if k != "module"} for row in variants],
         "models": {
             "base_params": s.base_params,

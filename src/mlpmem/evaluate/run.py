@@ -2,6 +2,7 @@
 
     mlpmem evaluate --run-dir runs/demo
     mlpmem evaluate --model gpt2 --corpus wikitext-2 --context 1024 --stride 512
+    accelerate launch --multi_gpu --num_processes N -m mlpmem.cli evaluate --run-dir RUN   # windows by rank
 
 λ (and the kNN temperature T) are tuned on valid over a grid and applied to test; the tuned values are recorded
 in the evaluate manifest (``EvaluateManifest.systems``), where ``generate`` reads them. Also writes
@@ -31,6 +32,7 @@ from mlpmem.config import EvaluateConfig
 from mlpmem.data.corpus import load_corpus
 from mlpmem.data.prepare import encode, vocab_fingerprint
 from mlpmem.devices import resolve_device
+from mlpmem.distributed import begin_shared, gather_to_main, process_state
 from mlpmem.errors import UsageError
 from mlpmem.evaluate.report import plot_lambda_curves
 from mlpmem.evaluate.scoring import knn_log_prob, memory_log_prob, score_tokens
@@ -131,11 +133,12 @@ def window_sizes(config: EvaluateConfig, sources: Sources, lm: PreTrainedModel) 
     return context, stride
 
 
-def plan_memory(plan: Plan, run: RunDir, device) -> None:
+def plan_memory(plan: Plan, run: RunDir, device, config: EvaluateConfig) -> None:
     """The run's memory, paired with the LM evaluated (its model, module, width and vocabulary)."""
     from mlpmem.memory.model import check_pairing, load_memory
+    from mlpmem.memory.quantize import quantize_memory
 
-    memory = load_memory(run.path, device)
+    memory = quantize_memory(load_memory(run.path, device), config.memory_dtype)
     plan.memory_layer = check_pairing(memory.config, plan.lm, plan.sources.model_fp)
     plan.memory = memory
 
@@ -189,14 +192,14 @@ def survey_evaluation(config: EvaluateConfig, run: RunDir) -> Survey:
     return Survey(sources, use_knn, use_memory, overlap, inputs)
 
 
-def plan_evaluation(config: EvaluateConfig, run: RunDir, survey: Survey) -> Plan:
+def plan_evaluation(config: EvaluateConfig, run: RunDir, survey: Survey, device=None) -> Plan:
     """Load and check the LM, memory and retriever the survey found (UsageError, one line, on the first problem)."""
-    device = resolve_device(config.device)
+    device = device or resolve_device(config.device)
     lm = load_lm(survey.sources.model_path, device)
     context, stride = window_sizes(config, survey.sources, lm)
     plan = Plan(survey.sources, lm, context, stride, overlap=survey.overlap, inputs=survey.inputs)
     if survey.use_memory:
-        plan_memory(plan, run, device)
+        plan_memory(plan, run, device, config)
     if survey.use_knn:
         plan_knn(plan, run, config)
     return plan
@@ -234,17 +237,28 @@ def tuning_split(config: EvaluateConfig, splits: list[str], tunes: bool) -> str 
 
 
 # scoring ------------------------------------------------------------------------------------------------------
-def score_split(plan: Plan, tokens: np.ndarray, config: EvaluateConfig, split: str) -> dict[str, np.ndarray]:
-    """log p(gold) per scored position of one split: ``lm`` [N], ``mem`` [N], ``knn`` [N, len(T grid)]."""
+def score_split(
+    plan: Plan, tokens: np.ndarray, config: EvaluateConfig, split: str, state=None
+) -> dict[str, np.ndarray] | None:
+    """log p(gold) per scored position of one split: ``lm`` [N], ``mem`` [N], ``knn`` [N, len(T grid)].
+
+    Under a launch of several processes each scores its block of windows and the main process gets them all, in
+    order (the other ranks get None)."""
     tokens = tokens[: config.max_tokens] if config.max_tokens else tokens
+    share = (state.process_index, state.num_processes) if state is not None else (0, 1)
     scored = score_tokens(
-        plan.lm, tokens, plan.context, plan.stride, config.batch_size, plan.key_layers, desc=f"evaluate {split}"
+        plan.lm, tokens, plan.context, plan.stride, config.batch_size, plan.key_layers, f"evaluate {split}", share
     )
     parts = {"lm": scored.lm_log_prob}
     if plan.memory is not None:
         parts["mem"] = memory_log_prob(plan.memory, scored.keys[plan.memory_layer], scored.gold)
     if plan.knn is not None:
         parts["knn"] = knn_log_prob(plan.knn, scored.keys[plan.knn_layer], scored.gold, config.knn_temperatures)
+    if share[1] > 1:
+        shares = gather_to_main(parts, state)
+        if shares is None:
+            return None
+        parts = {name: np.concatenate([p[name] for p in shares]) for name in parts}
     check_scores(parts, split)
     return parts
 
@@ -355,9 +369,18 @@ def evaluate(config: EvaluateConfig) -> EvaluateManifest:
     survey = survey_evaluation(config, run)
     if (done := run.reusable("evaluate", config, survey.inputs)) is not None:
         return done  # nothing loaded
-    plan = plan_evaluation(config, run, survey)
-    build = run.begin("evaluate", config, plan.inputs)
-    parts = {split: score_split(plan, tokens, config, split) for split, tokens in plan.sources.tokens.items()}
+    state, device = process_state(config.device)
+    plan = plan_evaluation(config, run, survey, device)
+    build = begin_shared(run, "evaluate", config, plan.inputs, state)
+    parts = {split: score_split(plan, tokens, config, split, state) for split, tokens in plan.sources.tokens.items()}
+    if state.is_main_process:
+        finish(build, plan, parts, config)
+    state.wait_for_everyone()
+    return run.require("evaluate")
+
+
+def finish(build, plan: Plan, parts: Parts, config: EvaluateConfig) -> None:
+    """Tune on valid, apply to every split, write the outputs and complete the stage (the main process)."""
     systems, tuned_on, curves = summarise(parts, config)
     fields = dict(
         model=plan.sources.model_path,
@@ -370,7 +393,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateManifest:
         lambda_curves={name: {str(x): y for x, y in c.items() if math.isfinite(y)} for name, c in curves.items()},
     )
     write_outputs(build.dir, fields, curves, config)
-    return build.complete(**fields)
+    build.complete(**fields)
 
 
 def write_outputs(folder: Path, fields: dict, curves: dict[str, dict[float, float]], config: EvaluateConfig) -> None:

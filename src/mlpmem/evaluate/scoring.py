@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from mlpmem.data.windows import sliding_windows
+from mlpmem.distributed import contiguous_share
 from mlpmem.lm.forward import forward_windows
 from mlpmem.progress import progress
 
@@ -38,16 +39,20 @@ def score_tokens(
     batch_size: int,
     key_layers: Sequence[str] = (),
     desc: str = "score",
+    share: tuple[int, int] = (0, 1),
 ) -> ScoredSplit:
     """Score ``tokens`` [n] with the sliding-window protocol (``mlpmem.data.windows``) in one pass over the LM;
-    keep the keys of each of ``key_layers`` (module paths) at every scored position."""
+    keep the keys of each of ``key_layers`` (module paths) at every scored position. ``share`` = (rank, processes):
+    score only that rank's contiguous block of windows (blocks in rank order cover every position once)."""
     windows = sliding_windows(len(tokens), context, stride)
+    a, b = contiguous_share(len(windows), *share)
+    windows = windows[a:b]
     n = sum(w.n_scored for w in windows)
     gold = np.empty(n, dtype=np.int64)
     lm_log_prob = np.empty(n, dtype=np.float32)
     keys: dict[str, np.ndarray] = {}
     pos = 0
-    with progress(total=n, desc=desc, unit="tok", unit_scale=True) as bar:
+    with progress(total=n, desc=desc, unit="tok", unit_scale=True, disable=share[0] != 0) as bar:
         for out in forward_windows(model, tokens, windows, batch_size, key_layers=key_layers, log_probs=True):
             m = len(out.positions)
             gold[pos : pos + m] = out.gold.numpy()

@@ -76,6 +76,7 @@ def export_model(config: ExportConfig) -> Exported:
         knn_lmbda=config.knn_lmbda,
         nprobe=config.nprobe,
         device="cpu",
+        memory_dtype=config.memory_dtype,
     )
     tokenizer = load_tokenizer(run_lm_dir(run.path))
     tuned = tuned_values(run, lm_manifest.model_fingerprint, True, config.knn)

@@ -86,6 +86,7 @@ class MemoryAugmentedLM:
         knn_lmbda: float | None = None,
         nprobe: int | None = None,
         device: str = "auto",
+        memory_dtype: str = "fp32",
     ) -> MemoryAugmentedLM:
         """The run's LM and tokenizer, its memory (``use_memory``) and/or its kNN-LM (``use_knn``); neither: the
         base LM alone.
@@ -94,9 +95,19 @@ class MemoryAugmentedLM:
         valid (read from its manifest, and only when it evaluated this LM with this memory / datastore), else the
         λ saved with the memory, 0.25 and the memory's target temperature (else the targets stage's). Mismatched
         artifacts (another base LM, a key module the LM lacks, another width or vocabulary) are refused with one line.
+        ``memory_dtype`` (fp32, bf16, int8) sets the memory's weights (``mlpmem.memory.quantize``).
         """
         model = joint_model_from_run(
-            run_dir, lmbda, use_memory, use_knn, k, knn_temperature, knn_lmbda, nprobe, resolve_device(device)
+            run_dir,
+            lmbda,
+            use_memory,
+            use_knn,
+            k,
+            knn_temperature,
+            knn_lmbda,
+            nprobe,
+            resolve_device(device),
+            memory_dtype,
         )
         return cls(model.lm, model=model, tokenizer=_load_tokenizer_if_any(run_lm_dir(Path(run_dir))))
 
@@ -254,10 +265,12 @@ def joint_model_from_run(
     knn_lmbda: float | None = None,
     nprobe: int | None = None,
     device: torch.device | str = "cpu",
+    memory_dtype: str = "fp32",
 ) -> MemoryAugmentedForCausalLM:
     """The run's joint model (see ``MemoryAugmentedLM.from_run`` for the defaults and the refusals)."""
     from mlpmem.knn.retriever import load_knn
     from mlpmem.memory.model import check_pairing, load_memory
+    from mlpmem.memory.quantize import quantize_memory
 
     run = RunDir(run_dir)
     model_fp = run.require("train-lm").model_fingerprint
@@ -265,7 +278,7 @@ def joint_model_from_run(
     tuned = tuned_values(run, model_fp, use_memory, use_knn)
     memory, memory_layer = None, None
     if use_memory:
-        memory = load_memory(run.path, device)
+        memory = quantize_memory(load_memory(run.path, device), memory_dtype)
         memory_layer = check_pairing(memory.config, lm, model_fp)
         lmbda = lmbda if lmbda is not None else tuned.lmbda if tuned.lmbda is not None else memory.config.lmbda
     knn, knn_layer, settings = None, None, None
@@ -368,6 +381,7 @@ def generate_from_config(config: GenerateConfig) -> Generations:
         knn_lmbda=config.knn_lmbda,
         nprobe=config.nprobe,
         device=config.device,
+        memory_dtype=config.memory_dtype,
     )
     kwargs: dict[str, Any] = {
         "max_new_tokens": config.max_new_tokens,

@@ -1,7 +1,7 @@
 """Datastore extraction: keys (the LM's feed-forward input at every position) and values (the next token).
 
     mlpmem datastore --run-dir RUN [--split train] [--context C] [--stride S]
-    accelerate launch -m mlpmem.cli datastore --run-dir RUN     # multi-GPU: chunks shared out by rank
+    accelerate launch --multi_gpu --num_processes N -m mlpmem.cli datastore --run-dir RUN   # chunks shared by rank
 
 Entry i is position i of the split, predicting token i + 1: ``keys`` [N, d] (float16 or float32) and ``values``
 [N] int32 with N = n_tokens - 1. Windows follow ``mlpmem.data.windows`` (every position keyed once, with at
@@ -13,25 +13,19 @@ recompute the keys with the LM (``mlpmem.knn.stream``).
 
 from __future__ import annotations
 
-import os
-import time
-
 import numpy as np
 import torch
 
-from mlpmem.artifacts import RunDir, StageBuild, atomic_write_json, read_json
+from mlpmem.artifacts import RunDir, StageBuild
 from mlpmem.config import DatastoreConfig
 from mlpmem.data.tokens import open_split
 from mlpmem.data.windows import Window, sliding_windows
-from mlpmem.devices import resolve_device
+from mlpmem.distributed import begin_shared, clear_rank_progress, process_state, run_chunks
 from mlpmem.errors import UsageError
 from mlpmem.lm.forward import forward_windows
 from mlpmem.lm.keys import key_dim, key_module_path
 from mlpmem.lm.load import load_lm, max_positions, run_lm_dir
 from mlpmem.manifests import DatastoreManifest, TrainLMManifest
-from mlpmem.progress import progress
-
-RANK_PROGRESS = "progress.rank{rank}.json"  # per-rank chunk lists under accelerate (no shared-file races)
 
 
 def window_sizes(config: DatastoreConfig, lm: TrainLMManifest, positions: int | None) -> tuple[int, int]:
@@ -50,13 +44,6 @@ def window_sizes(config: DatastoreConfig, lm: TrainLMManifest, positions: int | 
             field="stride",
         )
     return context, stride
-
-
-def _done_chunks(build: StageBuild) -> set[int]:
-    done = build.done_chunks()
-    for path in build.dir.glob(RANK_PROGRESS.format(rank="*")):
-        done |= set(read_json(path)["done"])
-    return done
 
 
 def write_chunk(
@@ -87,33 +74,6 @@ def write_chunk(
     return n
 
 
-def process_group(config: DatastoreConfig):
-    """accelerate's process state (one process unless launched) and the device this rank works on."""
-    from accelerate import PartialState  # works without any accelerate config in a single process
-
-    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    state = PartialState(cpu=on_cpu)  # cpu=True: several CPU processes (torchrun) join a gloo group
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and state.num_processes == 1:  # processes that would each act as the only one
-        raise UsageError(
-            f"launched as {launched} processes but accelerate sees one; start with `accelerate launch` or torchrun"
-        )
-    device = state.device if (state.num_processes > 1 and config.device == "auto") else resolve_device(config.device)
-    return state, device
-
-
-def begin_build(
-    run: RunDir, config: DatastoreConfig, inputs: dict[str, str], state, shape: tuple[int, int]
-) -> StageBuild:
-    """The main process begins the stage and allocates keys [N, d] and values [N]; the other ranks join it."""
-    if state.is_main_process:
-        build = run.begin("datastore", config, inputs)
-        build.add_array("keys", config.key_dtype, shape)
-        build.add_array("values", "int32", shape[:1])
-    state.wait_for_everyone()
-    return build if state.is_main_process else run.join("datastore")
-
-
 def build_datastore(config: DatastoreConfig) -> DatastoreManifest:
     """Extract the keys and values of one prepared split with the run's LM; returns the datastore manifest."""
     run = RunDir(config.run_dir)
@@ -121,7 +81,7 @@ def build_datastore(config: DatastoreConfig) -> DatastoreManifest:
     inputs = {"prepare": prepare.fingerprint, "train-lm": lm.fingerprint}
     if (done := run.reusable("datastore", config, inputs)) is not None:
         return done
-    state, device = process_group(config)
+    state, device = process_state(config.device)
     model = load_lm(run_lm_dir(run.path), device)
     if prepare.vocab_size > model.config.vocab_size:
         raise UsageError(
@@ -140,7 +100,13 @@ def build_datastore(config: DatastoreConfig) -> DatastoreManifest:
         return run.require("datastore")
     chunks = [windows[i : i + config.chunk_windows] for i in range(0, len(windows), config.chunk_windows)]
 
-    build = begin_build(run, config, inputs, state, (len(tokens) - 1, key_dim(model, key_layer)))
+    shape = (len(tokens) - 1, key_dim(model, key_layer))
+
+    def allocate(build: StageBuild) -> None:  # keys [N, d], values [N]
+        build.add_array("keys", config.key_dtype, shape)
+        build.add_array("values", "int32", shape[:1])
+
+    build = begin_shared(run, "datastore", config, inputs, state, allocate)
     seconds, computed = extract(
         build,
         chunks,
@@ -150,9 +116,8 @@ def build_datastore(config: DatastoreConfig) -> DatastoreManifest:
         ),
     )
     if state.is_main_process:
-        for path in build.dir.glob(RANK_PROGRESS.format(rank="*")):
-            path.unlink()
-        # rate of the main process alone (each of the `world` processes extracts its share at about this rate)
+        clear_rank_progress(build)
+        # tokens of all processes over the wall time until the last one finished
         rate = round(computed / max(seconds, 1e-9), 1)
         build.manifest.timings = {
             **build.manifest.timings,
@@ -180,36 +145,16 @@ def build_values_only(
 
 
 def extract(build: StageBuild, chunks: list[list[Window]], state, write) -> tuple[float, int]:
-    """Write this rank's chunks not yet done (``write(chunk, keys, values)``), marking each once flushed;
-    returns (seconds, entries written)."""
-    rank, world = state.process_index, state.num_processes
+    """Write this rank's chunks not yet done (``write(chunk, keys, values)``; chunk c is rank c % processes');
+    returns (seconds, entries written by this rank)."""
     keys = build.manifest.arrays["keys"].open(build.dir, "r+")  # [N, d]
     values = build.manifest.arrays["values"].open(build.dir, "r+")  # [N]
-    done = _done_chunks(build)
-    mine = [c for c in range(len(chunks)) if c % world == rank]
-    entries = lambda c: chunks[c][-1].end - 1 - chunks[c][0].first_scored  # noqa: E731
-    initial = sum(entries(c) for c in mine if c in done)
-    bar = progress(
-        total=sum(map(entries, mine)),
-        initial=initial,
-        unit="tok",
-        unit_scale=True,
-        desc="datastore",
-        disable=not state.is_main_process,
-    )
-    t0, computed = time.time(), 0
-    for c in (c for c in mine if c not in done):
+
+    def work(c: int) -> int:
         n = write(chunks[c], keys, values)
         keys.flush()
         values.flush()
-        if world == 1:
-            build.mark_chunk(c, done)
-        else:
-            done.add(c)
-            atomic_write_json(build.dir / RANK_PROGRESS.format(rank=rank), {"done": sorted(done)})
-        computed += n
-        bar.update(n)
-    bar.close()
-    seconds = time.time() - t0
-    state.wait_for_everyone()
-    return seconds, computed
+        return n
+
+    entries = lambda c: chunks[c][-1].end - 1 - chunks[c][0].first_scored  # noqa: E731
+    return run_chunks(build, state, len(chunks), entries, work, "datastore", "tok")

@@ -10,7 +10,9 @@ Default factory from the datastore size N and key width d:
 The quantizers are trained on a seeded random sample; keys are added in float32 chunks (never a full float32
 copy); PQ codes skip polysemous training (used only for Hamming filtering, never here). The CPU index is
 written atomically to ``RUN/index/index.faiss``; a factory whose lists outnumber the training keys is refused before
-any work. ``--on-disk`` keeps the inverted lists in ``lists.bin``, built in resumable shards (``knn.ondisk``).
+any work. Under a launch of N processes each encodes its block of stored keys and the main process merges them
+(``mlpmem.knn.index_shards``). ``--on-disk`` keeps the inverted lists in ``lists.bin``, built in resumable shards
+(``knn.ondisk``).
 A streamed datastore (``datastore --keys streamed``) has its keys recomputed by the LM and streamed into the index
 (``knn.stream``); its default factory is never Flat, and an uncompressed one is refused.
 """
@@ -27,9 +29,11 @@ import numpy as np
 
 from mlpmem.artifacts import ArraySpec, RunDir
 from mlpmem.config import IndexConfig
+from mlpmem.distributed import begin_shared, process_state
 from mlpmem.errors import UsageError
+from mlpmem.knn.index_shards import add_sharded, shardable
 from mlpmem.knn.ondisk import LISTS_FILE, TRAINED_FILE, OnDiskBuild, read_any_index, write_index_atomically
-from mlpmem.knn.stream import key_source
+from mlpmem.knn.stream import StoredKeys, key_source
 from mlpmem.manifests import IndexManifest
 from mlpmem.progress import progress
 
@@ -141,14 +145,22 @@ def build_index(config: IndexConfig) -> IndexManifest:
     nprobe = config.nprobe or (min(32, nlist) if nlist else None)
     source = key_source(run.path, datastore, config.device, config.batch_size)
 
-    build = run.begin("index", config, inputs)
+    state, _ = process_state("auto")
+    build = begin_shared(run, "index", config, inputs, state)
     t0 = time.time()
     resumed = config.on_disk and (build.dir / TRAINED_FILE).is_file()  # trained before a kill: kept
-    if not index.is_trained and not resumed:
+    if state.is_main_process and not index.is_trained and not resumed:
         train(index, source.sample(n_train, config.seed), factory)
     train_seconds = time.time() - t0
-    ranges = source.ranges(config.add_chunk)
-    bar = progress(total=n, unit="key", unit_scale=True, desc="index")
+    sharded = state.num_processes > 1 and shardable(index) and not config.on_disk and isinstance(source, StoredKeys)
+    if sharded:  # each rank encodes its block of the stored keys on the CPU; the main process merges
+        trained = (faiss.index_gpu_to_cpu(index) if on_gpu else index) if state.is_main_process else None
+        index = add_sharded(trained, source.keys, config.add_chunk, state, build.dir)
+    if not state.is_main_process:  # streamed keys and on-disk lists are built by the main process alone
+        state.wait_for_everyone()
+        return run.require("index")
+    ranges = [] if sharded else source.ranges(config.add_chunk)
+    bar = progress(total=0 if sharded else n, unit="key", unit_scale=True, desc="index")
     if config.on_disk:
         builder = OnDiskBuild(build.dir, None if resumed else index)
         for c, (a, b) in enumerate(ranges):
@@ -161,7 +173,7 @@ def build_index(config: IndexConfig) -> IndexManifest:
             index.add(source.range(a, b))
             bar.update(b - a)
     bar.close()
-    if on_gpu:
+    if on_gpu and not sharded:
         index = faiss.index_gpu_to_cpu(index)
     set_nprobe(index, nprobe)
     build_seconds = time.time() - t0
@@ -173,7 +185,7 @@ def build_index(config: IndexConfig) -> IndexManifest:
         "train_seconds": round(train_seconds, 2),
         "build_seconds": round(build_seconds, 2),
     }
-    return build.complete(
+    manifest = build.complete(
         factory=factory,
         nlist=nlist,
         nprobe=nprobe,
@@ -182,6 +194,8 @@ def build_index(config: IndexConfig) -> IndexManifest:
         on_disk=config.on_disk,
         peak_rss_mb=_peak_rss_mb(),
     )
+    state.wait_for_everyone()
+    return manifest
 
 
 def train(index: faiss.Index, sample: np.ndarray, factory: str) -> None:

@@ -15,7 +15,6 @@ results are deterministic for a given index and query batch, and batches are ali
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import faiss
@@ -24,14 +23,15 @@ import torch
 
 from mlpmem.artifacts import RunDir
 from mlpmem.config import TargetsConfig
+from mlpmem.distributed import begin_shared, clear_rank_progress, process_state, run_chunks
 from mlpmem.errors import UsageError
 from mlpmem.knn.distribution import neighbour_values, sparse_distribution
 from mlpmem.knn.index import load_index, set_nprobe
 from mlpmem.knn.search import search
 from mlpmem.knn.stream import key_source
 from mlpmem.manifests import TargetsManifest
-from mlpmem.progress import progress
 
+TARGET_ARRAYS = ("tokens", "probs", "gold", "self_found")
 SEARCH_BATCH = 4096  # queries per FAISS call; fixed so that results do not depend on the chunk size
 
 
@@ -92,6 +92,7 @@ def build_targets(config: TargetsConfig) -> TargetsManifest:
             f"k ({config.k}) must be smaller than the datastore ({n} entries; each entry's own key is excluded)",
             field="k",
         )
+    state, _ = process_state("auto")
     index, _ = load_index(run.path, use_gpu="auto" if config.store else "no")
     keys = key_source(run.path, datastore, config.device, config.batch_size)  # stored, or recomputed by the LM
     values = run.array("datastore", "values", datastore)  # [N]
@@ -99,36 +100,49 @@ def build_targets(config: TargetsConfig) -> TargetsManifest:
     width = min(config.width, config.k)
     n_chunks = -(-n // config.chunk_size)
 
-    build = run.begin("targets", config, inputs)
     if not config.store:  # disk-light: train-memory searches each batch's targets (SearchedTargets)
-        return build.complete(nprobe=nprobe, faiss_threads=faiss.omp_get_max_threads())
-    tokens = build.add_array("tokens", "int32", (n, width))
-    probs = build.add_array("probs", "float32", (n, width))
-    gold = build.add_array("gold", "int32", (n,))
-    self_found = build.add_array("self_found", "int64", (n_chunks,))  # per chunk: entries whose own id came back
+        build = begin_shared(run, "targets", config, inputs, state)
+        if state.is_main_process:
+            build.complete(nprobe=nprobe, faiss_threads=faiss.omp_get_max_threads())
+        state.wait_for_everyone()
+        return run.require("targets")
+
+    def allocate(build) -> None:
+        build.add_array("tokens", "int32", (n, width))
+        build.add_array("probs", "float32", (n, width))
+        build.add_array("gold", "int32", (n,))
+        build.add_array("self_found", "int64", (n_chunks,))  # per chunk: entries whose own id came back
+
+    build = begin_shared(run, "targets", config, inputs, state, allocate)
+    tokens, probs, gold, self_found = (build.manifest.arrays[a].open(build.dir, "r+") for a in TARGET_ARRAYS)
     set_nprobe(index, nprobe)
 
-    done = build.done_chunks()
-    size = lambda c: min(n, (c + 1) * config.chunk_size) - c * config.chunk_size  # noqa: E731
-    bar = progress(total=n, initial=sum(size(c) for c in done), unit="q", unit_scale=True, desc="targets")
-    t0, computed = time.time(), 0
-    for c in (c for c in range(n_chunks) if c not in done):
+    def work(c: int) -> int:
         a, b = c * config.chunk_size, min(n, (c + 1) * config.chunk_size)
         tok, prob, found = knn_rows(index, values, keys.range(a, b), np.arange(a, b), config)
         tokens[a:b], probs[a:b], gold[a:b] = tok, prob, values[a:b]
         self_found[c] = int(found.sum())
         for array in (tokens, probs, gold, self_found):
             array.flush()
-        build.mark_chunk(c, done)
-        computed += b - a
-        bar.update(b - a)
-    bar.close()
-    seconds = time.time() - t0
+        return b - a
+
+    size = lambda c: min(n, (c + 1) * config.chunk_size) - c * config.chunk_size  # noqa: E731
+    seconds, computed = run_chunks(build, state, n_chunks, size, work, "targets", "q")
+    if state.is_main_process:
+        finish(build, seconds, computed, nprobe)
+    state.wait_for_everyone()
+    return run.require("targets")
+
+
+def finish(build, seconds: float, computed: int, nprobe: int | None) -> None:
+    """The main process records timings and the entries whose own id came back, and completes the stage."""
+    clear_rank_progress(build)
+    self_found = build.manifest.arrays["self_found"].open(build.dir)  # [n_chunks]: every rank's chunks
     build.manifest.timings = {
         **build.manifest.timings,
         "search_seconds": round(seconds, 2),
         "queries_per_second": round(computed / max(seconds, 1e-9), 1),
     }
-    return build.complete(
+    build.complete(
         nprobe=nprobe, self_found=int(np.asarray(self_found).sum()), faiss_threads=faiss.omp_get_max_threads()
     )

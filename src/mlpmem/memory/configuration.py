@@ -43,6 +43,7 @@ class MLPMemoryConfig(PretrainedConfig):
         lmbda: float = 0.25,
         knn_temperature: float | None = None,
         alpha: float = 0.5,
+        weight_dtype: str = "float32",
         **kwargs,
     ):
         if ffn not in FFN_TYPES:
@@ -61,6 +62,9 @@ class MLPMemoryConfig(PretrainedConfig):
         self.lmbda = lmbda  # default mixing weight of the memory at inference
         self.knn_temperature = knn_temperature  # T of the p_kNN targets it was trained on
         self.alpha = alpha  # KL share of the training loss
+        if weight_dtype not in ("float32", "bfloat16", "int8"):
+            raise UsageError(f"weight_dtype must be float32, bfloat16 or int8, got {weight_dtype!r}")
+        self.weight_dtype = weight_dtype  # of its Linear layers (inference copies: mlpmem.memory.quantize)
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 

@@ -74,13 +74,20 @@ class MLPMemory(PreTrainedModel):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_blocks))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.weight_dtype != "float32":  # an inference copy saved by mlpmem.memory.quantize: same layout
+            from mlpmem.memory.quantize import swap_linears
+
+            swap_linears(self, config.weight_dtype, convert=False)
+            for module in self.modules():  # norms stay float32 whatever dtype loading sets as the default
+                if isinstance(module, nn.LayerNorm):
+                    module.float()
         self.post_init()
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
         """keys [B, d] or [B, T, d] -> logits [B, V] or [B, T, V]."""
         if keys.shape[-1] != self.config.input_dim:
             raise UsageError(f"memory expects keys of width {self.config.input_dim}, got {keys.shape[-1]}")
-        x = keys.to(self.head.weight.dtype) if not torch.is_autocast_enabled(keys.device.type) else keys
+        x = keys.to(self.norm.weight.dtype) if not torch.is_autocast_enabled(keys.device.type) else keys
         if self.proj is not None:
             x = self.proj(x)  # [..., h]
         for block in self.blocks:

@@ -6,8 +6,10 @@ One loop, two key sources: *offline* reads keys from the datastore memmap; *onli
 frozen LM through the forward core (no key storage), at the datastore's key layer or any other (``--key-layer``,
 ``--key-depth``: the memory's key layer is its own setting; the targets always come from the datastore). The last
 ``valid_size`` entries are held out for the validation loss. Resumes from its checkpoints after a kill (kept
-until the stage is complete); multi-GPU through `accelerate launch` (each rank takes a disjoint shard of every
-global batch). The final memory is saved with save_pretrained to RUN/train-memory/model.
+until the stage is complete); several processes (CPU or GPU) through ``accelerate launch --multi_gpu
+--num_processes N -m mlpmem.cli train-memory ...``: each rank takes a disjoint shard of every global batch, and the
+averaged gradient is that of the global batch's mean loss (equal to one process within float tolerance, tested).
+The final memory is saved with save_pretrained to RUN/train-memory/model.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mlpmem.config import TrainMemoryConfig
 from mlpmem.data.tokens import open_split
 from mlpmem.data.windows import Window, sliding_windows
 from mlpmem.devices import autocast, resolve_device, resolve_dtype
+from mlpmem.distributed import check_launch, sum_over_ranks
 from mlpmem.errors import UsageError
 from mlpmem.knn.targets import SearchedTargets
 from mlpmem.lm.forward import forward_windows
@@ -305,6 +308,7 @@ def train_memory(config: TrainMemoryConfig) -> TrainMemoryManifest:
         raise UsageError(
             "float16 is not supported for training (no loss scaling); use bfloat16 or float32", field="dtype"
         )
+    check_launch()
     accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False)
     if accelerator.num_processes > 1:
         device = accelerator.device
@@ -327,23 +331,24 @@ def train_memory(config: TrainMemoryConfig) -> TrainMemoryManifest:
         optimizer.load_state_dict(state["optimizer"])
     memory, optimizer = accelerator.prepare(memory, optimizer)
     result = fit(config, build, accelerator, memory, optimizer, source, n_entries, state, device, dtype)
-    if not accelerator.is_main_process:
-        return build.manifest
-    model = accelerator.unwrap_model(memory)
-    check_weights_finite(model, "train-memory")
-    save_pretrained_atomically(model, build.dir / "model")
-    build.manifest.timings = {**build.manifest.timings, "train_seconds": round(result["train_seconds"], 2)}
-    return build.complete(
-        key_layer=key_layer,
-        train_entries=source.n_train,
-        valid_entries=n_entries - source.n_train,
-        steps=result["step"],
-        parameters=sum(p.numel() for p in model.parameters()),
-        head_from_lm=head_from_lm,
-        keys_per_s=round(result["keys_seen"] / result["train_seconds"], 1) if result["train_seconds"] else None,
-        valid=result["valid"],
-        valid_history=result["valid_history"],
-    )
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(memory)
+        check_weights_finite(model, "train-memory")
+        save_pretrained_atomically(model, build.dir / "model")
+        build.manifest.timings = {**build.manifest.timings, "train_seconds": round(result["train_seconds"], 2)}
+        build.complete(
+            key_layer=key_layer,
+            train_entries=source.n_train,
+            valid_entries=n_entries - source.n_train,
+            steps=result["step"],
+            parameters=sum(p.numel() for p in model.parameters()),
+            head_from_lm=head_from_lm,
+            keys_per_s=round(result["keys_seen"] / result["train_seconds"], 1) if result["train_seconds"] else None,
+            valid=result["valid"],
+            valid_history=result["valid_history"],
+        )
+    accelerator.wait_for_everyone()
+    return run.require("train-memory")
 
 
 def begin_stage(run: RunDir, config: TrainMemoryConfig, inputs: dict[str, str], accelerator: Accelerator) -> StageBuild:
@@ -394,13 +399,17 @@ def train_step(
     device: torch.device,
     dtype: torch.dtype,
     step: int,
+    share: float = 1.0,
 ):
-    """One update on keys [b, d] and their target rows; returns (loss, kl, ce)."""
+    """One update on keys [b, d] and their target rows; returns this rank's (loss, kl, ce).
+
+    ``share`` = b · processes / global batch: the gradient averaged over processes is then that of the mean loss
+    over the global batch, however unevenly its entries fell to the ranks (1 in one process)."""
     with autocast(device, dtype):
         logits = memory(keys)  # [b, V]
     loss, kl, ce = memory_loss(logits, *rows, config.alpha)
     check_finite(loss, step, "train-memory")
-    accelerator.backward(loss)
+    accelerator.backward(loss * share)
     accelerator.clip_grad_norm_(memory.parameters(), config.grad_clip)
     optimizer.step()
     scheduler.step()
@@ -451,18 +460,31 @@ def fit(
         t0 = time.perf_counter()
         ids, keys = source.batch(units_for_step(loop.step, per_step, source.n_units, config.seed)[rank::world], device)
         lr = scheduler.get_last_lr()[0]
-        rows = targets.rows(ids, device, keys)
-        loss, kl, ce = train_step(
-            memory, keys, rows, config, accelerator, optimizer, scheduler, device, dtype, loop.step
+        n_global = int(sum_over_ranks([len(ids)], device)[0]) if world > 1 else len(ids)
+        parts = train_step(
+            memory,
+            keys,
+            targets.rows(ids, device, keys),
+            config,
+            accelerator,
+            optimizer,
+            scheduler,
+            device,
+            dtype,
+            loop.step,
+            share=len(ids) * world / n_global,
         )
+        loss, kl, ce = (p.item() for p in parts)
+        if world > 1:  # global means, for the log
+            loss, kl, ce = (x / n_global for x in sum_over_ranks([v * len(ids) for v in (loss, kl, ce)], device))
         loop.step += 1
         seconds = time.perf_counter() - t0
         loop.train_seconds += seconds
-        loop.keys_seen += len(ids) * world
-        window.add(seconds, len(ids) * world, loss=loss.item(), kl=kl.item(), ce=ce.item())
+        loop.keys_seen += n_global
+        window.add(seconds, n_global, loss=loss, kl=kl, ce=ce)
         bar.update(1)
         rate = f"{loop.keys_seen / loop.train_seconds:,.0f}"
-        bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{kl.item():.3f}", keys_s=rate, refresh=False)
+        bar.set_postfix(loss=f"{loss:.3f}", kl=f"{kl:.3f}", keys_s=rate, refresh=False)
         if metrics_due(loop.step, config.eval_interval, total_steps):
             metrics.write(loop.step, window.line(lr, "keys_per_s"))
         if checkpoint_due(loop.step, config.eval_interval, total_steps):
