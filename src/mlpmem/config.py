@@ -372,3 +372,33 @@ def load_yaml(path: Path) -> dict[str, Any]:
 def to_yaml(config: BaseModel) -> str:
     """YAML text that ``validate`` turns back into an equal config."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+class ReferencesConfig(StageConfig):
+    split: Literal["train", "valid", "test"] = Field("train", description="prepared split cut into references")
+    corpus: str | None = Field(
+        None,
+        description="a corpus (any source `prepare` accepts) whose train split, tokenized with the run's tokenizer, "
+        "is cut instead of a prepared split",
+    )
+    chunk_tokens: int = Field(128, ge=8, description="tokens per reference (the last one of a corpus may be shorter)")
+    retriever: Literal["bm25", "dense"] = Field(
+        "bm25", description="bm25 (lexical, token ids as terms) or dense (FAISS over the LM's mean-pooled states)"
+    )
+    query_tokens: int = Field(64, ge=1, description="tokens before the predicted ones that form a query")
+    recall_samples: int = Field(1000, ge=0, description="chunks of the split sampled to measure recall@5")
+    chunk_refs: int = Field(4096, ge=1, description="references per resumable chunk (dense embeddings)")
+    batch_size: int = setting(16, "references per forward pass (dense)", ge=1)
+    seed: int = Field(0, description="seed of the recall sample")
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+class ExplicitMemoriesConfig(StageConfig):
+    keep_tokens: int = Field(8, ge=1, description="tokens kept per reference, memory layer and head")
+    memory_layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="blocks that read memories (indices); default: the first half"
+    )
+    marker: str = Field("Reference:", description="text put (after the end-of-text token) before each reference")
+    chunk_refs: int = Field(1024, ge=1, description="references per resumable chunk")
+    batch_size: int = setting(32, "references per forward pass", ge=1)
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")

@@ -15,8 +15,10 @@ from mlpmem.artifacts import Manifest
 from mlpmem.config import (
     DatastoreConfig,
     EvaluateConfig,
+    ExplicitMemoriesConfig,
     IndexConfig,
     PrepareConfig,
+    ReferencesConfig,
     TargetsConfig,
     TrainLMConfig,
     TrainMemoryConfig,
@@ -170,3 +172,34 @@ class EvaluateManifest(Manifest):
 
     def summary(self) -> dict[str, Any]:
         return {f"{split}_tokens": n for split, n in self.tokens.items()}
+
+
+class ReferencesManifest(Manifest):
+    """References cut from a token stream: ``ids`` [n_tokens] and ``offsets`` [n_refs + 1] (reference r is
+    ids[offsets[r]:offsets[r + 1]]), ``source_start`` [n_refs] (its first token's position in the split it was cut
+    from); the retriever's files (``bm25/``, or ``embeddings`` [n_refs, d])."""
+
+    config: ReferencesConfig
+    source: str | None = None  # "split:train" or the corpus
+    model_fingerprint: str | None = None  # the LM of the dense retriever's embeddings
+    recall: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def references(self) -> int:
+        return self.arrays["offsets"].shape[0] - 1
+
+    def summary(self) -> dict[str, Any]:
+        return {"references": self.references, "retriever": self.config.retriever, **self.recall}
+
+
+class ExplicitMemoriesManifest(Manifest):
+    """``memories`` [n_refs, layers, 2, heads, keep, head_dim] float16: the sparse key/values of every reference."""
+
+    config: ExplicitMemoriesConfig
+    model_fingerprint: str | None = None
+    memory_layers: list[int] = Field(default_factory=list)
+    marker_ids: list[int] = Field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        spec = self.arrays["memories"]
+        return {"references": spec.shape[0], "bytes_per_reference": spec.nbytes // max(1, spec.shape[0])}
