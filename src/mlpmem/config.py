@@ -402,3 +402,27 @@ class ExplicitMemoriesConfig(StageConfig):
     chunk_refs: int = Field(1024, ge=1, description="references per resumable chunk")
     batch_size: int = setting(32, "references per forward pass", ge=1)
     device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+class TrainExplicitConfig(StageConfig):
+    context: int | None = Field(None, ge=8, description="training window in tokens; default: the LM's training context")
+    chunk_tokens: int = Field(64, ge=1, description="tokens per chunk; each chunk retrieves one reference")
+    memory_chunks: int = Field(5, ge=1, description="a chunk reads the memories of itself and the chunks before it")
+    exclude_overlap: float = Field(
+        0.9, gt=0, le=1, description="references holding more than this share of a chunk's own text are excluded"
+    )
+    control: bool = Field(True, description="also train the control: the same steps and data without memory")
+    batch_size: int = Field(8, ge=1, description="windows per optimizer step")
+    max_steps: int = Field(200, ge=1, description="optimizer steps (each model)")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a share of the peak (linear decay)")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="max gradient norm")
+    eval_interval: int = Field(100, ge=1, description="steps between validation runs and checkpoints")
+    eval_batches: int = Field(10, ge=1, description="validation batches per validation run")
+    seed: int = Field(0, description="random seed")
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: DType = Field(
+        "auto", description="autocast dtype: auto = bfloat16 on GPU and on CPUs with native bf16, else float32"
+    )

@@ -20,6 +20,7 @@ from mlpmem.config import (
     PrepareConfig,
     ReferencesConfig,
     TargetsConfig,
+    TrainExplicitConfig,
     TrainLMConfig,
     TrainMemoryConfig,
 )
@@ -203,3 +204,21 @@ class ExplicitMemoriesManifest(Manifest):
     def summary(self) -> dict[str, Any]:
         spec = self.arrays["memories"]
         return {"references": spec.shape[0], "bytes_per_reference": spec.nbytes // max(1, spec.shape[0])}
+
+
+class TrainExplicitManifest(Manifest):
+    """The explicit-memory LM in ``model/`` and its no-memory control in ``control/`` (save_pretrained, each
+    continued from the warm-up LM for the same steps on the same windows); ``chunk_refs`` [n_chunks] int64: the
+    reference each training chunk retrieved (-1: none)."""
+
+    config: TrainExplicitConfig
+    context: int | None = None
+    steps: int | None = None
+    parameters: int | None = None
+    train_tokens: int | None = None
+    chunks_with_reference: float | None = None  # share of training chunks that retrieved a reference
+    history: list[dict[str, float]] = Field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {"steps": self.steps, **{k: v for k, v in last.items() if k != "step"}}

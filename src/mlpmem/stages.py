@@ -28,6 +28,7 @@ from mlpmem.config import (
     ReferencesConfig,
     StageConfig,
     TargetsConfig,
+    TrainExplicitConfig,
     TrainLMConfig,
     TrainMemoryConfig,
     validate,
@@ -41,6 +42,7 @@ from mlpmem.manifests import (
     PrepareManifest,
     ReferencesManifest,
     TargetsManifest,
+    TrainExplicitManifest,
     TrainLMManifest,
     TrainMemoryManifest,
 )
@@ -147,6 +149,14 @@ STAGES: tuple[StageSpec, ...] = (
         "mlpmem.explicit.memories:build_explicit_memories",
         ("train-lm", "references"),
         "sparse attention key/values of every reference, encoded by the LM",
+    ),
+    StageSpec(
+        "train-explicit",
+        TrainExplicitConfig,
+        TrainExplicitManifest,
+        "mlpmem.explicit.train:train_explicit",
+        ("prepare", "train-lm", "references", "explicit-memories"),
+        "continue the LM reading explicit memories, and its control without them",
     ),
     StageSpec(
         "evaluate",
