@@ -145,6 +145,10 @@ class EvaluateConfig(StageConfig):
     max_tokens: int | None = Field(None, ge=2, description="score only the first N tokens of each split")
     knn: bool = Field(True, description="also evaluate kNN-LM when the run has a datastore and index")
     memory: bool = Field(True, description="also evaluate the MLP memory when the run has one")
+    explicit: bool = Field(
+        True, description="also evaluate the explicit-memory LM and its control when the run has them (train-explicit)"
+    )
+    explicit_k: int = Field(5, ge=1, description="references each chunk retrieves for the explicit-memory LM")
     k: int = Field(256, ge=1, description="neighbours retrieved per token for kNN-LM")
     nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
     rerank: bool = Field(False, description="re-rank IVF-PQ neighbours with exact distances from stored keys")

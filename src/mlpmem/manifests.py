@@ -167,6 +167,7 @@ class EvaluateManifest(Manifest):
     overlap: str | None = None  # an evaluated split the datastore (and the memory) were built from (--allow-overlap)
     systems: list[SystemResult] = Field(default_factory=list)
     lambda_curves: dict[str, dict[str, float]] = Field(default_factory=dict)
+    memory_mass: float | None = None  # explicit memory: mean attention probability on memory tokens (memory layers)
 
     def system(self, name: str) -> SystemResult | None:
         return next((s for s in self.systems if s.name == name), None)

@@ -163,8 +163,8 @@ STAGES: tuple[StageSpec, ...] = (
         EvaluateConfig,
         EvaluateManifest,
         "mlpmem.evaluate.run:evaluate",
-        ("prepare", "train-lm", "datastore", "index", "train-memory"),
-        "perplexity of base, kNN-LM, MLP memory and both",
+        ("prepare", "train-lm", "datastore", "index", "train-memory", "train-explicit"),
+        "perplexity of base, kNN-LM, MLP memory, both, and explicit memory with its control",
         report="mlpmem.evaluate.report:print_results",
     ),
     StageSpec(

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlpmem.artifacts import RunDir
-from mlpmem.config import TrainLMConfig
+from mlpmem.config import ExplicitMemoriesConfig, ReferencesConfig, TrainLMConfig
+from mlpmem.explicit.memories import build_explicit_memories
+from mlpmem.explicit.references import build_references
 from mlpmem.lm.load import model_fingerprint
 
 from conftest import make_tiny_run, tiny_gpt2
@@ -25,3 +27,23 @@ def explicit_run(run_dir: Path, n_train: int = 1200, n_eval: int = 300) -> Path:
     tiny_tokenizer().save_pretrained(build.dir / "model")
     build.complete(model_fingerprint=model_fingerprint(build.dir / "model"))
     return run_dir
+
+
+CONFIG = dict(  # train-explicit on the tiny run: 16-token chunks, 3 memory chunks
+    chunk_tokens=16,
+    memory_chunks=3,
+    batch_size=2,
+    max_steps=4,
+    eval_interval=2,
+    eval_batches=1,
+    warmup_steps=1,
+    device="cpu",
+    dtype="float32",
+)
+
+
+def memory_run(path):
+    explicit_run(path)
+    build_references(ReferencesConfig(run_dir=path, chunk_tokens=32, query_tokens=16, recall_samples=0))
+    build_explicit_memories(ExplicitMemoriesConfig(run_dir=path, keep_tokens=4, device="cpu"))
+    return path

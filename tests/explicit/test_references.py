@@ -143,3 +143,10 @@ def test_a_memory_layer_the_lm_lacks_is_refused(run):
     with pytest.raises(UsageError) as err:
         build_explicit_memories(ExplicitMemoriesConfig(run_dir=run, memory_layers=[5], device="cpu"))
     assert err.value.field == "memory_layers"
+
+
+def test_a_reference_that_does_not_fit_the_lm_s_positions_with_its_marker_is_refused(run):
+    build_references(ReferencesConfig(run_dir=run, chunk_tokens=64, recall_samples=0))  # the LM has 64 positions
+    with pytest.raises(UsageError) as err:
+        build_explicit_memories(ExplicitMemoriesConfig(run_dir=run, device="cpu"))
+    assert err.value.field == "marker"

@@ -7,34 +7,13 @@ import torch
 from safetensors.torch import load_file
 
 from mlpmem.artifacts import RunDir
-from mlpmem.config import ExplicitMemoriesConfig, ReferencesConfig, TrainExplicitConfig
+from mlpmem.config import TrainExplicitConfig
 from mlpmem.explicit import train as train_mod
-from mlpmem.explicit.memories import build_explicit_memories
 from mlpmem.explicit.model import ExplicitMemoryLM
-from mlpmem.explicit.references import build_references
 from mlpmem.explicit.retriever import BM25_DIR, BM25Retriever
 from mlpmem.lm.load import load_lm
 
-from explicit_inputs import explicit_run
-
-CONFIG = dict(
-    chunk_tokens=16,
-    memory_chunks=3,
-    batch_size=2,
-    max_steps=4,
-    eval_interval=2,
-    eval_batches=1,
-    warmup_steps=1,
-    device="cpu",
-    dtype="float32",
-)
-
-
-def memory_run(path):
-    explicit_run(path)
-    build_references(ReferencesConfig(run_dir=path, chunk_tokens=32, query_tokens=16, recall_samples=0))
-    build_explicit_memories(ExplicitMemoriesConfig(run_dir=path, keep_tokens=4, device="cpu"))
-    return path
+from explicit_inputs import CONFIG, memory_run
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import GPT2Config
 from transformers.models.auto.configuration_auto import AutoConfig
+from transformers.models.gpt2.configuration_gpt2 import GPT2Config
 
 MODEL_TYPE = "mlpmem-explicit"
 

@@ -53,6 +53,12 @@ def build_explicit_memories(config: ExplicitMemoriesConfig) -> ExplicitMemoriesM
         raise UsageError(
             f"a reference has {np.diff(offsets).min()} tokens, fewer than keep_tokens", field="keep_tokens"
         )
+    if len(markers) + int(np.diff(offsets).max()) > lm.config.n_positions:
+        raise UsageError(
+            f"the marker ({len(markers)} tokens) and a reference ({np.diff(offsets).max()}) exceed the LM's "
+            f"{lm.config.n_positions} positions; cut shorter references (references --chunk-tokens) or shorten it",
+            field="marker",
+        )
     heads = lm.config.n_head
     shape = (refs.references, len(layers), 2, heads, config.keep_tokens, lm.config.n_embd // heads)
     build = run.begin("explicit-memories", config, inputs)
