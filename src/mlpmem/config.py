@@ -248,6 +248,12 @@ class GenerateConfig(StageConfig):
     repetition_penalty: float | None = Field(None, gt=0, description="HF repetition penalty (1: none)")
     memory: bool = Field(True, description="mix in the run's MLP memory")
     knn: bool = Field(False, description="mix in the run's kNN-LM (live search of its datastore)")
+    explicit: bool = Field(
+        False,
+        description="generate with the run's explicit-memory LM (train-explicit) reading the references the prompt's "
+        "last tokens retrieve, instead of the LM + MLP memory",
+    )
+    explicit_k: int = Field(5, ge=1, description="references retrieved for the explicit-memory LM")
     lmbda: float | None = Field(
         None, ge=0, le=1, description="memory weight; default: the λ evaluate tuned, else the one saved with the memory"
     )

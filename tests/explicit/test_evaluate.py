@@ -69,3 +69,33 @@ def test_explicit_rows_equal_an_independent_recomputation(evaluated):
     assert manifest.system("explicit-control").test_ppl == pytest.approx(control, rel=1e-4)
     assert manifest.system("explicit-memory").test_ppl == pytest.approx(explicit, rel=1e-4)
     assert 0 < manifest.memory_mass < 1
+
+
+def test_generate_reads_the_memories_the_prompt_retrieves(evaluated):
+    """``generate --explicit`` equals greedy argmax over full forwards with the memories of the 5 references that
+    the prompt's last 16 tokens retrieve (bm25s called here), every token seeing them."""
+    from bm25s.tokenization import Tokenized
+
+    from mlpmem.config import GenerateConfig
+    from mlpmem.inference.generation import generate_from_config
+
+    path, _ = evaluated
+    prompt = " ".join(f"w{i}" for i in [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20])
+    got = generate_from_config(
+        GenerateConfig(run_dir=path, prompt=prompt, explicit=True, max_new_tokens=6, device="cpu")
+    )
+
+    run = RunDir(path)
+    model = AutoModelForCausalLM.from_pretrained(path / "train-explicit" / "model").eval()
+    retriever = BM25Retriever.load(run.file("references", BM25_DIR)).model
+    ids = [int(w[1:]) for w in prompt.split()]
+    vocab = {str(t): t for t in range(len(retriever.vocab_dict))}
+    found = retriever.retrieve(Tokenized(ids=[ids[-16:]], vocab=vocab), k=5, show_progress=False)[0][0]
+    kv = torch.from_numpy(run.array("explicit-memories", "memories")[found].astype(np.float32))[None]
+    memory = ExplicitMemory(kv, torch.zeros(1, 5, dtype=torch.long), torch.full((1, 5), 10**9))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(6):
+            x = torch.cat([x, model(x, memory=memory).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    want = " ".join(f"w{t}" if t else "<eos>" for t in x[0, len(ids) :].tolist())
+    assert got.outputs[0].split() == [w for w in want.split() if w != "<eos>"]

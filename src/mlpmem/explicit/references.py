@@ -7,8 +7,10 @@ retriever over them.
 
 References are consecutive pieces of the token stream (a final piece shorter than half a reference is dropped).
 Also measures the retriever's recall@5 on ``recall_samples`` chunks of ``query_tokens`` tokens of the cut split:
-``recall@5/self`` (the chunk as its own query finds the reference holding it) and ``recall@5/before`` (the tokens
-before the chunk, the query protocol, find the reference holding the chunk).
+``recall@5/self`` (the chunk as its own query finds the reference holding it), ``recall@5/before`` (the tokens
+before the chunk, the query protocol, find the reference holding the chunk; the query often lies in that same
+reference) and ``recall@5/next`` (for chunks that start a reference, so the query shares no token with it: the
+reference holding the continuation is found from the text before it).
 """
 
 from __future__ import annotations
@@ -113,7 +115,14 @@ def measure_recall(retriever: Retriever, ids: np.ndarray, offsets: np.ndarray, c
     own = [np.asarray(ids[s : s + q], dtype=np.int64) for s in starts]
     found_self = retrieve(retriever, own, 5)
     found_before = retrieve(retriever, queries_before(ids, starts, q), 5)
-    return {
-        "recall@5/self": round(float((found_self == gold[:, None]).any(1).mean()), 4),
-        "recall@5/before": round(float((found_before == gold[:, None]).any(1).mean()), 4),
+    # chunks starting a reference: the query (the tokens before) shares no token with the reference holding them
+    firsts = offsets[1:-1][offsets[1:-1] >= q]
+    firsts = np.sort(rng.choice(firsts, size=min(config.recall_samples, len(firsts)), replace=False))
+    found_next = retrieve(retriever, queries_before(ids, firsts, q), 5)
+    hit = lambda found, want: round(float((found == want[:, None]).any(1).mean()), 4) if len(want) else None  # noqa: E731
+    recall = {
+        "recall@5/self": hit(found_self, gold),
+        "recall@5/before": hit(found_before, gold),
+        "recall@5/next": hit(found_next, np.searchsorted(offsets, firsts, side="right") - 1),
     }
+    return {k: v for k, v in recall.items() if v is not None}

@@ -34,14 +34,15 @@ class ExplicitReader:
     mass: list[float] = field(default_factory=list)  # attention mass on memory, per memory layer and window
 
     @classmethod
-    def open(cls, run: RunDir, k: int, device: torch.device | str = "cpu") -> ExplicitReader:
+    def open(cls, run: RunDir, k: int, device: torch.device | str = "cpu", control: bool = True) -> ExplicitReader:
+        """The run's trained models (the control too when asked and trained) and its memory store."""
         manifest = run.require("train-explicit")
         folder = Path(run.folder("train-explicit"))
         model = ExplicitMemoryLM.from_pretrained(folder / "model").to(device).eval()
-        control = None
-        if manifest.config.control:
-            control = ExplicitMemoryLM.from_pretrained(folder / "control").to(device).eval()
-        return cls(model, control, MemoryStore.open(run), manifest.config.chunk_tokens, k)
+        control_model = None
+        if control and manifest.config.control:
+            control_model = ExplicitMemoryLM.from_pretrained(folder / "control").to(device).eval()
+        return cls(model, control_model, MemoryStore.open(run), manifest.config.chunk_tokens, k)
 
 
 @torch.inference_mode()
