@@ -99,3 +99,22 @@ def test_generate_reads_the_memories_the_prompt_retrieves(evaluated):
             x = torch.cat([x, model(x, memory=memory).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     want = " ".join(f"w{t}" if t else "<eos>" for t in x[0, len(ids) :].tolist())
     assert got.outputs[0].split() == [w for w in want.split() if w != "<eos>"]
+
+
+def test_bench_section_times_both_decodes_and_counts_the_bytes_on_disk(evaluated):
+    from types import SimpleNamespace
+
+    from mlpmem.explicit.bench import explicit_lines, measure_explicit
+
+    path, _ = evaluated
+    prompt = torch.randint(1, 96, (1, 8))
+    section = measure_explicit(RunDir(path), prompt, SimpleNamespace(new_tokens=4, repeats=1, seed=0), "cpu")
+    assert set(section["decode_ms"]) == {"explicit-no-memory", "explicit-memory"}
+    assert all(v[1] > 0 for v in section["decode_ms"].values()) and section["retrieval_ms_per_query"] > 0
+    n_refs = (path / "references" / "offsets.bin").stat().st_size // 8 - 1
+    assert section["references"] == n_refs
+    assert section["bytes_per_reference"] == 1 * 2 * 2 * 4 * 16 * 2  # layers, K/V, heads, keep, head dim, fp16
+    assert section["memories_bytes"] == (path / "explicit-memories" / "memories.bin").stat().st_size
+    bm25 = sum(f.stat().st_size for f in (path / "references" / "bm25").iterdir())
+    assert section["retriever_bytes"] == bm25
+    assert len(explicit_lines(section)) == 2
