@@ -18,6 +18,7 @@ from mlpmem.explicit.retriever import BM25_DIR, BM25Retriever
 from mlpmem.explicit.train import train_explicit
 
 from explicit_inputs import CONFIG, memory_run
+from gen_inputs import generation_run, generation_run_template  # noqa: F401 - fixtures
 
 
 @pytest.fixture
@@ -118,3 +119,31 @@ def test_bench_section_times_both_decodes_and_counts_the_bytes_on_disk(evaluated
     bm25 = sum(f.stat().st_size for f in (path / "references" / "bm25").iterdir())
     assert section["retriever_bytes"] == bm25
     assert len(explicit_lines(section)) == 2
+
+
+def test_with_an_mlp_memory_in_the_run_the_table_also_mixes_it_with_the_explicit_memory(generation_run):
+    """On a run with kNN-LM and an MLP memory, the explicit rows join the same table, and the explicit memory mixed
+    with the MLP memory has λ tuned on valid (its valid PPL the minimum of its λ curve; at λ = 0, the explicit
+    memory alone)."""
+    from mlpmem.config import ExplicitMemoriesConfig, ReferencesConfig
+    from mlpmem.explicit.memories import build_explicit_memories
+    from mlpmem.explicit.references import build_references
+
+    build_references(ReferencesConfig(run_dir=generation_run, chunk_tokens=32, query_tokens=16, recall_samples=0))
+    build_explicit_memories(ExplicitMemoriesConfig(run_dir=generation_run, keep_tokens=4, device="cpu"))
+    train_explicit(TrainExplicitConfig(run_dir=generation_run, **CONFIG))
+    config = EvaluateConfig(
+        run_dir=generation_run, k=16, knn_temperatures=[5.0], lmbdas=[0.1, 0.3], context=32, stride=16, device="cpu"
+    )
+    manifest = evaluate(config)
+    names = [s.name for s in manifest.systems]
+    assert names == [
+        "base", "knn-lm", "mlp-memory", "mlp-memory+knn-lm", "explicit-memory", "explicit-control",
+        "explicit-memory+mlp-memory",
+    ]  # fmt: skip
+    mixed, alone = manifest.system("explicit-memory+mlp-memory"), manifest.system("explicit-memory")
+    curve = {float(k): v for k, v in manifest.lambda_curves["explicit-memory+mlp-memory"].items()}
+    assert {0.1, 0.3} <= set(curve) and mixed.valid_ppl == pytest.approx(min(curve.values()))
+    assert mixed.valid_ppl == pytest.approx(curve[mixed.lmbda])
+    if 0.0 in curve:  # λ = 0: the explicit-memory LM alone
+        assert curve[0.0] == pytest.approx(alone.valid_ppl)
