@@ -68,7 +68,8 @@ class ExplicitMemory:
 
     def allowed(self, positions: torch.Tensor, batch: int, keep: int) -> torch.Tensor:
         """[B, 1, Lq, R * keep] bool: which memory tokens each query (at sequence index ``positions`` [Lq]) sees."""
-        start, end = (x.expand(batch, -1) if x.shape[0] == 1 else x for x in (self.start, self.end))
+        start, end = (x.to(positions.device) for x in (self.start, self.end))
+        start, end = (x.expand(batch, -1) if x.shape[0] == 1 else x for x in (start, end))
         p = positions[None, :, None]  # [1, Lq, 1]
         seen = (start[:, None, :] <= p) & (p < end[:, None, :])  # [B, Lq, R]
         return seen.repeat_interleave(keep, dim=-1)[:, None]
@@ -97,7 +98,7 @@ def memory_attention(
     """One softmax over [memory ; context]: q [B, H, Lq, d], k/v [B, H, Lk, d], mem_k/mem_v [B, H, M, d], masks
     bool [B|1, 1, Lq, Lk] and [B, 1, Lq, M]. Returns the output [B, Lq, H, d] and the probabilities
     [B, H, Lq, M + Lk]."""
-    scores = torch.cat([mem_k, k], dim=2).float()  # [B, H, M + Lk, d]
+    scores = torch.cat([mem_k.to(k.dtype), k], dim=2).float()  # [B, H, M + Lk, d]
     scores = torch.matmul(q.float(), scores.transpose(-1, -2)) * scaling  # [B, H, Lq, M + Lk]
     mask = torch.cat([mem_allowed, allowed.expand(mem_allowed.shape[0], -1, -1, -1)], dim=-1)
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
@@ -125,7 +126,7 @@ class MemoryAttention(GPT2Attention):
             k, v = past_key_values.update(k, v, self.layer_idx)  # [B, H, Lk, d]
         b, _, lq, _ = q.shape
         lk = k.shape[2]
-        mem_k, mem_v = memory.layer(self.memory_index, b)
+        mem_k, mem_v = (x.to(q.device) for x in memory.layer(self.memory_index, b))
         positions = torch.arange(lk - lq, lk, device=q.device)  # sequence index of each query
         mem_allowed = memory.allowed(positions, b, self.config.keep_tokens)
         out, probs = memory_attention(
