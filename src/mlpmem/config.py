@@ -156,6 +156,10 @@ class EvaluateConfig(StageConfig):
     max_tokens: int | None = Field(None, ge=2, description="score only the first N tokens of each split")
     knn: bool = Field(True, description="also evaluate kNN-LM when the run has a datastore and index")
     memory: bool = Field(True, description="also evaluate the MLP memory when the run has one")
+    explicit: bool = Field(
+        True, description="also evaluate the explicit-memory LM and its control when the run has them (train-explicit)"
+    )
+    explicit_k: int = Field(5, ge=1, description="references each chunk retrieves for the explicit-memory LM")
     k: int = Field(256, ge=1, description="neighbours retrieved per token for kNN-LM")
     nprobe: int | None = Field(None, ge=1, description="IVF lists searched; default: the index's own")
     rerank: bool = Field(False, description="re-rank IVF-PQ neighbours with exact distances from stored keys")
@@ -276,6 +280,12 @@ class GenerateConfig(StageConfig):
     repetition_penalty: float | None = Field(None, gt=0, description="HF repetition penalty (1: none)")
     memory: bool = Field(True, description="mix in the run's MLP memory")
     knn: bool = Field(False, description="mix in the run's kNN-LM (live search of its datastore)")
+    explicit: bool = Field(
+        False,
+        description="generate with the run's explicit-memory LM (train-explicit) reading the references the prompt's "
+        "last tokens retrieve, instead of the LM + MLP memory",
+    )
+    explicit_k: int = Field(5, ge=1, description="references retrieved for the explicit-memory LM")
     lmbda: float | None = Field(
         None, ge=0, le=1, description="memory weight; default: the λ evaluate tuned, else the one saved with the memory"
     )
@@ -413,3 +423,57 @@ def load_yaml(path: Path) -> dict[str, Any]:
 def to_yaml(config: BaseModel) -> str:
     """YAML text that ``validate`` turns back into an equal config."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+class ReferencesConfig(StageConfig):
+    split: Literal["train", "valid", "test"] = Field("train", description="prepared split cut into references")
+    corpus: str | None = Field(
+        None,
+        description="a corpus (any source `prepare` accepts) whose train split, tokenized with the run's tokenizer, "
+        "is cut instead of a prepared split",
+    )
+    chunk_tokens: int = Field(128, ge=8, description="tokens per reference (the last one of a corpus may be shorter)")
+    retriever: Literal["bm25", "dense"] = Field(
+        "bm25", description="bm25 (lexical, token ids as terms) or dense (FAISS over the LM's mean-pooled states)"
+    )
+    query_tokens: int = Field(64, ge=1, description="tokens before the predicted ones that form a query")
+    recall_samples: int = Field(1000, ge=0, description="chunks of the split sampled to measure recall@5")
+    chunk_refs: int = Field(4096, ge=1, description="references per resumable chunk (dense embeddings)")
+    batch_size: int = setting(16, "references per forward pass (dense)", ge=1)
+    seed: int = Field(0, description="seed of the recall sample")
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+class ExplicitMemoriesConfig(StageConfig):
+    keep_tokens: int = Field(8, ge=1, description="tokens kept per reference, memory layer and head")
+    memory_layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="blocks that read memories (indices); default: the first half"
+    )
+    marker: str = Field("Reference:", description="text put (after the end-of-text token) before each reference")
+    chunk_refs: int = Field(1024, ge=1, description="references per resumable chunk")
+    batch_size: int = setting(32, "references per forward pass", ge=1)
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+class TrainExplicitConfig(StageConfig):
+    context: int | None = Field(None, ge=8, description="training window in tokens; default: the LM's training context")
+    chunk_tokens: int = Field(64, ge=1, description="tokens per chunk; each chunk retrieves one reference")
+    memory_chunks: int = Field(5, ge=1, description="a chunk reads the memories of itself and the chunks before it")
+    exclude_overlap: float = Field(
+        0.9, gt=0, le=1, description="references holding more than this share of a chunk's own text are excluded"
+    )
+    control: bool = Field(True, description="also train the control: the same steps and data without memory")
+    batch_size: int = Field(8, ge=1, description="windows per optimizer step")
+    max_steps: int = Field(200, ge=1, description="optimizer steps (each model)")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a share of the peak (linear decay)")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="max gradient norm")
+    eval_interval: int = Field(100, ge=1, description="steps between validation runs and checkpoints")
+    eval_batches: int = Field(10, ge=1, description="validation batches per validation run")
+    seed: int = Field(0, description="random seed")
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: DType = Field(
+        "auto", description="autocast dtype: auto = bfloat16 on GPU and on CPUs with native bf16, else float32"
+    )

@@ -2,7 +2,8 @@
 
 After ``import mlpmem``, ``AutoConfig`` / ``AutoModel`` load memory folders (``mlp-memory``), ``AutoConfig`` /
 ``AutoModel`` / ``AutoModelForCausalLM`` / ``pipeline`` load exported joint models (``mlpmem``), and ``AutoConfig`` /
-``AutoModelForCausalLM`` load MoM and Gated DeltaNet LMs (``mlpmem-mom``).
+``AutoModelForCausalLM`` load MoM and Gated DeltaNet LMs (``mlpmem-mom``) and explicit-memory LMs
+(``mlpmem-explicit``, registered once ``modeling_auto`` has loaded).
 
 Importing transformers and torch costs seconds, which ``mlpmem --help`` must not pay, so ``watch`` registers
 each Auto class right after transformers defines it: when the module holding it (``configuration_auto``,
@@ -39,6 +40,9 @@ def register_models() -> None:
     importlib.import_module("mlpmem.memory.model")
     importlib.import_module("mlpmem.inference.joint")
     importlib.import_module("mlpmem.lm.mom.model")
+    # the explicit-memory config subclasses GPT2Config, whose import reads modeling_auto: registered with the models
+    importlib.import_module("mlpmem.explicit.configuration")
+    importlib.import_module("mlpmem.explicit.model")
 
 
 class _RunAfter(importlib.abc.Loader):

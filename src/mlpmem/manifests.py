@@ -15,9 +15,12 @@ from mlpmem.artifacts import Manifest
 from mlpmem.config import (
     DatastoreConfig,
     EvaluateConfig,
+    ExplicitMemoriesConfig,
     IndexConfig,
     PrepareConfig,
+    ReferencesConfig,
     TargetsConfig,
+    TrainExplicitConfig,
     TrainLMConfig,
     TrainMemoryConfig,
 )
@@ -173,9 +176,59 @@ class EvaluateManifest(Manifest):
     overlap: str | None = None  # an evaluated split the datastore (and the memory) were built from (--allow-overlap)
     systems: list[SystemResult] = Field(default_factory=list)
     lambda_curves: dict[str, dict[str, float]] = Field(default_factory=dict)
+    memory_mass: float | None = None  # explicit memory: mean attention probability on memory tokens (memory layers)
 
     def system(self, name: str) -> SystemResult | None:
         return next((s for s in self.systems if s.name == name), None)
 
     def summary(self) -> dict[str, Any]:
         return {f"{split}_tokens": n for split, n in self.tokens.items()}
+
+
+class ReferencesManifest(Manifest):
+    """References cut from a token stream: ``ids`` [n_tokens] and ``offsets`` [n_refs + 1] (reference r is
+    ids[offsets[r]:offsets[r + 1]]), ``source_start`` [n_refs] (its first token's position in the split it was cut
+    from); the retriever's files (``bm25/``, or ``embeddings`` [n_refs, d])."""
+
+    config: ReferencesConfig
+    source: str | None = None  # "split:train" or the corpus
+    model_fingerprint: str | None = None  # the LM of the dense retriever's embeddings
+    recall: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def references(self) -> int:
+        return self.arrays["offsets"].shape[0] - 1
+
+    def summary(self) -> dict[str, Any]:
+        return {"references": self.references, "retriever": self.config.retriever, **self.recall}
+
+
+class ExplicitMemoriesManifest(Manifest):
+    """``memories`` [n_refs, layers, 2, heads, keep, head_dim] float16: the sparse key/values of every reference."""
+
+    config: ExplicitMemoriesConfig
+    model_fingerprint: str | None = None
+    memory_layers: list[int] = Field(default_factory=list)
+    marker_ids: list[int] = Field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        spec = self.arrays["memories"]
+        return {"references": spec.shape[0], "bytes_per_reference": spec.nbytes // max(1, spec.shape[0])}
+
+
+class TrainExplicitManifest(Manifest):
+    """The explicit-memory LM in ``model/`` and its no-memory control in ``control/`` (save_pretrained, each
+    continued from the warm-up LM for the same steps on the same windows); ``chunk_refs`` [n_chunks] int64: the
+    reference each training chunk retrieved (-1: none)."""
+
+    config: TrainExplicitConfig
+    context: int | None = None
+    steps: int | None = None
+    parameters: int | None = None
+    train_tokens: int | None = None
+    chunks_with_reference: float | None = None  # share of training chunks that retrieved a reference
+    history: list[dict[str, float]] = Field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {"steps": self.steps, **{k: v for k, v in last.items() if k != "step"}}

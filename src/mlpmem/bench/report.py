@@ -156,5 +156,9 @@ def print_report(report: dict, config: Any) -> None:
     base = next(r for r in report["results"] if r["system"] == "base")
     print(format_table(report["results"], base["ms_per_token"], base["tokens_per_s"]))
     print(summary_lines(report))
+    if "explicit" in report:
+        from mlpmem.explicit.bench import explicit_lines
+
+        print("\n".join(explicit_lines(report["explicit"])))
     out = output_dir(config)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")

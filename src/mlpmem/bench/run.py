@@ -522,6 +522,10 @@ def bench(config: BenchConfig) -> dict[str, Any]:
         "seconds": round(time.time() - started, 1),
         "provenance": Environment.current().model_dump(),
     }
+    if s.run.complete("train-explicit") is not None:
+        from mlpmem.explicit.bench import measure_explicit
+
+        report["explicit"] = measure_explicit(s.run, s.prompt, config, s.device)
     atomic_write_json(out_dir / "bench.json", report)
     plot(report["results"], fixed.bytes["mlp-memory"], out_dir / "bench.png")
     return report

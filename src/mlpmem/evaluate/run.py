@@ -78,6 +78,7 @@ class Plan:
     memory_layer: str | None = None
     knn: object | None = None
     knn_layer: str | None = None
+    explicit: object | None = None  # an ExplicitReader
     overlap: str | None = None  # an evaluated split the datastore (and the memory) were built from
     inputs: dict[str, str] = field(default_factory=dict)
 
@@ -167,6 +168,7 @@ class Survey:
     use_memory: bool
     overlap: str | None
     inputs: dict[str, str]
+    use_explicit: bool = False
 
 
 def survey_evaluation(config: EvaluateConfig, run: RunDir) -> Survey:
@@ -178,6 +180,7 @@ def survey_evaluation(config: EvaluateConfig, run: RunDir) -> Survey:
     datastore = optional_stage(run, "datastore") if config.knn and on_run else None
     index = optional_stage(run, "index") if datastore is not None else None
     memory = optional_stage(run, "train-memory") if config.memory and on_run else None
+    explicit = optional_stage(run, "train-explicit") if config.explicit and on_run and config.model is None else None
     use_knn, use_memory = index is not None, memory is not None
     tuning_split(config, config.splits, tunes=use_knn or use_memory)
     overlap = check_overlap(config, run) if use_knn or use_memory else None
@@ -189,7 +192,9 @@ def survey_evaluation(config: EvaluateConfig, run: RunDir) -> Survey:
 
         check_datastore(datastore, sources.model_fp, config.k)
         inputs.update(datastore=datastore.fingerprint, index=index.fingerprint)
-    return Survey(sources, use_knn, use_memory, overlap, inputs)
+    if explicit is not None:
+        inputs["train-explicit"] = explicit.fingerprint
+    return Survey(sources, use_knn, use_memory, overlap, inputs, explicit is not None)
 
 
 def plan_evaluation(config: EvaluateConfig, run: RunDir, survey: Survey, device=None) -> Plan:
@@ -202,6 +207,10 @@ def plan_evaluation(config: EvaluateConfig, run: RunDir, survey: Survey, device=
         plan_memory(plan, run, device, config)
     if survey.use_knn:
         plan_knn(plan, run, config)
+    if survey.use_explicit:
+        from mlpmem.explicit.scoring import ExplicitReader
+
+        plan.explicit = ExplicitReader.open(run, config.explicit_k, device)
     return plan
 
 
@@ -259,17 +268,41 @@ def score_split(
         if shares is None:
             return None
         parts = {name: np.concatenate([p[name] for p in shares]) for name in parts}
+    if plan.explicit is not None:  # the explicit-memory rows: the whole split, on the main process
+        parts.update(explicit_parts(plan, tokens, config, split))
     check_scores(parts, split)
     return parts
 
 
-COMPONENT_NAMES = {"lm": "the LM", "mem": "the memory", "knn": "kNN-LM"}
+def explicit_parts(plan: Plan, tokens: np.ndarray, config: EvaluateConfig, split: str) -> dict[str, np.ndarray]:
+    """log p(gold) [N] of the explicit-memory LM (``explicit``) and of its no-memory control (``control``)."""
+    from mlpmem.explicit.scoring import explicit_log_probs
+
+    reader = plan.explicit
+    parts = {"explicit": explicit_log_probs(reader, tokens, plan.context, plan.stride, f"explicit {split}")}
+    if reader.control is not None:
+        control = score_tokens(reader.control, tokens, plan.context, plan.stride, config.batch_size, desc="control")
+        parts["control"] = control.lm_log_prob
+    return parts
+
+
+COMPONENT_NAMES = {
+    "lm": "the LM",
+    "mem": "the memory",
+    "knn": "kNN-LM",
+    "explicit": "the explicit-memory LM",
+    "control": "the explicit-memory control",
+}
 
 
 def check_scores(parts: dict[str, np.ndarray], split: str) -> None:
     """NaN anywhere, or a non-finite LM log-prob, is refused (kNN-LM may give -inf: the gold token not retrieved)."""
     for name, values in parts.items():
-        bad = int(np.isnan(values).sum()) if name != "lm" else int((~np.isfinite(values)).sum())
+        bad = (
+            int(np.isnan(values).sum())
+            if name not in ("lm", "explicit", "control")
+            else int((~np.isfinite(values)).sum())
+        )
         if bad:
             raise UsageError(
                 f"{COMPONENT_NAMES[name]} gives {bad:,} non-finite log-probabilities on {split} "
@@ -348,8 +381,32 @@ def summarise(
         systems.append(row)
     if has_knn and has_mem:
         systems.append(combined_system(parts, tuned_on, config, systems[1].temperature))
+    if "explicit" in first:
+        rows, curve = explicit_systems(parts, tuned_on or config.tune_on, config)
+        systems.extend(rows)
+        if curve:
+            curves["explicit-memory+mlp-memory"] = curve
     check_systems(systems)
     return systems, tuned_on, curves
+
+
+def explicit_systems(
+    parts: Parts, tuned_on: str, config: EvaluateConfig
+) -> tuple[list[SystemResult], dict[float, float]]:
+    """The explicit-memory LM, its control, and (when the run has an MLP memory) the explicit-memory LM mixed with
+    the MLP memory (λ tuned on ``tuned_on``; the memory reads the base LM's keys at the same positions)."""
+    ppl = {name: {f"{s}_ppl": perplexity(p[name]) for s, p in parts.items()} for name in ("explicit", "control")}
+    rows = [SystemResult(name="explicit-memory", **ppl["explicit"])]
+    if "control" in next(iter(parts.values())):
+        rows.append(SystemResult(name="explicit-control", **ppl["control"]))
+    curve: dict[float, float] = {}
+    if "mem" in next(iter(parts.values())) and tuned_on in parts:
+        tune = parts[tuned_on]
+        lmbda, curve = tune_lambda(tune["explicit"], tune["mem"], config.lmbdas)
+        mixed = split_ppls(parts, ["explicit", "mem"], [1 - lmbda, lmbda])
+        edges = ["lambda"] * on_edge(curve, lmbda)
+        rows.append(SystemResult(name="explicit-memory+mlp-memory", lmbda=lmbda, edges=edges, **mixed))
+    return rows, curve
 
 
 def check_systems(systems: list[SystemResult]) -> None:
@@ -391,6 +448,7 @@ def finish(build, plan: Plan, parts: Parts, config: EvaluateConfig) -> None:
         overlap=plan.overlap,
         systems=systems,
         lambda_curves={name: {str(x): y for x, y in c.items() if math.isfinite(y)} for name, c in curves.items()},
+        memory_mass=round(float(np.mean(plan.explicit.mass)), 4) if plan.explicit and plan.explicit.mass else None,
     )
     write_outputs(build.dir, fields, curves, config)
     build.complete(**fields)

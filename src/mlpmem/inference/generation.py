@@ -364,6 +364,21 @@ class Generations:
     knn_lmbda: float
 
 
+def generate_kwargs(config: GenerateConfig) -> dict[str, Any]:
+    """transformers' generate arguments of a generate config."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": config.max_new_tokens,
+        "num_beams": config.num_beams,
+        "num_return_sequences": config.num_return_sequences,
+        "do_sample": config.do_sample,
+    }
+    if config.do_sample:
+        kwargs.update(temperature=config.temperature, top_k=config.top_k or 0, top_p=config.top_p or 1.0)
+    if config.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = config.repetition_penalty
+    return kwargs
+
+
 def generate_from_config(config: GenerateConfig) -> Generations:
     """``mlpmem generate``: load the run's mixed model (or the base LM alone) and continue each prompt."""
     prompts = [config.prompt] if isinstance(config.prompt, str) else list(config.prompt or [])
@@ -371,6 +386,10 @@ def generate_from_config(config: GenerateConfig) -> Generations:
         raise UsageError("give a prompt to continue (a text, or a YAML list of texts)", field="prompt")
     if config.num_return_sequences > config.num_beams and not config.do_sample:
         raise UsageError("must be <= --num-beams without --do-sample", field="num_return_sequences")
+    if config.explicit:
+        from mlpmem.explicit.generation import generate_explicit
+
+        return generate_explicit(config, prompts, generate_kwargs(config))
     mlm = MemoryAugmentedLM.from_run(
         config.run_dir,
         lmbda=config.lmbda,
@@ -383,18 +402,8 @@ def generate_from_config(config: GenerateConfig) -> Generations:
         device=config.device,
         memory_dtype=config.memory_dtype,
     )
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": config.max_new_tokens,
-        "num_beams": config.num_beams,
-        "num_return_sequences": config.num_return_sequences,
-        "do_sample": config.do_sample,
-    }
-    if config.do_sample:
-        kwargs.update(temperature=config.temperature, top_k=config.top_k or 0, top_p=config.top_p or 1.0)
-    if config.repetition_penalty is not None:
-        kwargs["repetition_penalty"] = config.repetition_penalty
     torch.manual_seed(config.seed)
-    outputs = mlm.generate(prompts, **kwargs)
+    outputs = mlm.generate(prompts, **generate_kwargs(config))
     outputs = [outputs] if isinstance(outputs, str) else list(outputs)
     return Generations(prompts, outputs, config.num_return_sequences, mlm.describe(), mlm.lmbda, mlm.knn_lmbda)
 
