@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not tasks:
         raise SystemExit("--pairs: no cell with 4 * pairs <= length")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    settings = {k: v for k, v in settings.items() if k not in ("archs", "out", "plot", "log_every")}
+    settings = {k: v for k, v in settings.items() if k not in ("archs", "out", "plot", "log_every", "threads")}
     report = {"settings": settings, "environment": Environment.current().model_dump(), "archs": {}}
     if args.out.exists():
         previous = json.loads(args.out.read_text())
