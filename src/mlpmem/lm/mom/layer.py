@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlpmem.errors import UsageError
-from mlpmem.lm.mom import rule
+from mlpmem.lm.mom import kernels
 
 
 @dataclass
@@ -179,8 +179,11 @@ class MoMLayer(nn.Module):
         x: torch.Tensor,
         state: MoMState | None = None,
         mode: Literal["auto", "chunk", "recurrent"] = "auto",
+        kernel: Literal["auto", "plain"] = "auto",
     ) -> MoMOutput:
-        """x: [B, T, D]; ``state`` continues a sequence (decoding). ``mode``: "auto" is recurrent for T == 1."""
+        """x: [B, T, D]; ``state`` continues a sequence (decoding). ``mode``: "auto" is recurrent for T == 1.
+        ``kernel``: "auto" runs the flash-linear-attention kernels on CUDA when installed (``kernels``), "plain" the
+        PyTorch forms of ``rule``."""
         c = self.config
         B, T, _ = x.shape
         H, dk, dv, S, M = c.num_heads, c.head_k_dim, c.head_v_dim, c.num_slots, c.num_memories
@@ -205,10 +208,9 @@ class MoMLayer(nn.Module):
         memory = state.memory.reshape(B, S * H, dk, dv) if state is not None else None
         use_recurrent = mode == "recurrent" or (mode == "auto" and T == 1)
         q_all = q.expand(B, T, S, H, dk)
-        if use_recurrent:
-            o, memory = rule.recurrent(fold(q_all), fold(k), fold(v), fold(log_a), fold(beta), memory)
-        else:
-            o, memory = rule.chunked(fold(q_all), fold(k), fold(v), fold(log_a), fold(beta), memory, c.chunk_size)
+        o, memory = kernels.gated_delta_rule(
+            fold(q_all), fold(k), fold(v), fold(log_a), fold(beta), memory, use_recurrent, c.chunk_size, kernel
+        )
 
         mix = torch.cat([weights, weights.new_ones(B, T, S - M)], -1).to(
             cdt
