@@ -156,6 +156,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def finished(out: Path, settings: dict) -> dict:
+    """The architectures already in ``out`` with the same settings (kept, also those another run of the script
+    wrote meanwhile, so runs of one architecture each can share the file)."""
+    if not out.exists():
+        return {}
+    previous = json.loads(out.read_text())
+    return previous["archs"] if previous.get("settings") == settings else {}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -165,10 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings = {k: v for k, v in settings.items() if k not in ("archs", "out", "plot", "log_every", "threads")}
     report = {"settings": settings, "environment": Environment.current().model_dump(), "archs": {}}
-    if args.out.exists():
-        previous = json.loads(args.out.read_text())
-        if previous.get("settings") == settings:
-            report["archs"] = {a: e for a, e in previous["archs"].items() if a in args.archs}
+    report["archs"] = finished(args.out, settings)
     torch.manual_seed(args.seed)
     models = equal_parameter_models(
         args.vocab_size, args.width, args.layers, args.heads, args.mom_ffn, max(t.seq_len for t in tasks)
@@ -185,10 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
         model = models[arch]
         entry = {"params": counts[arch], "ffn": ffn_width(model), **train(model, tasks, args)}
         entry["results"] = evaluate(model, tasks, args.eval_examples)
-        report["archs"][arch] = entry
+        report["archs"] = {**finished(args.out, settings), **report["archs"], arch: entry}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out, report)
-    report["archs"] = {a: report["archs"][a] for a in args.archs}
+    report["archs"] = {a: report["archs"][a] for a in ARCHS if a in report["archs"]}
     atomic_write_json(args.out, report)
     print(format_table(report))
     if args.plot:

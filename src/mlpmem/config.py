@@ -94,7 +94,20 @@ class PrepareConfig(StageConfig):
         return self
 
 
-class TrainLMConfig(StageConfig):
+class LMTrainingConfig(StageConfig):
+    """The optimizer and precision fields of the stages that train an LM (train-lm, train-explicit)."""
+
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a share of the peak (linear decay)")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="max gradient norm")
+    seed: int = Field(0, description="random seed")
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: DType = Field(
+        "auto", description="autocast dtype: auto = bfloat16 on GPU and on CPUs with native bf16, else float32"
+    )
+
+
+class TrainLMConfig(LMTrainingConfig):
     model: str | None = Field(
         None, description="HF id or path of a causal LM to continue training; none: a new model of --arch"
     )
@@ -125,17 +138,9 @@ class TrainLMConfig(StageConfig):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_steps: int = Field(1000, ge=1, description="optimizer steps")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a share of the peak (linear decay)")
     warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
-    grad_clip: float = Field(1.0, gt=0, description="max gradient norm")
     eval_interval: int = Field(200, ge=1, description="steps between validation runs and checkpoints")
     eval_batches: int = Field(20, ge=1, description="validation micro-batches per validation run")
-    seed: int = Field(0, description="random seed")
-    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: DType = Field(
-        "auto", description="autocast dtype: auto = bfloat16 on GPU and on CPUs with native bf16, else float32"
-    )
 
 
 class EvaluateConfig(StageConfig):
@@ -455,7 +460,7 @@ class ExplicitMemoriesConfig(StageConfig):
     device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
-class TrainExplicitConfig(StageConfig):
+class TrainExplicitConfig(LMTrainingConfig):
     context: int | None = Field(None, ge=8, description="training window in tokens; default: the LM's training context")
     chunk_tokens: int = Field(64, ge=1, description="tokens per chunk; each chunk retrieves one reference")
     memory_chunks: int = Field(5, ge=1, description="a chunk reads the memories of itself and the chunks before it")
@@ -466,14 +471,6 @@ class TrainExplicitConfig(StageConfig):
     batch_size: int = Field(8, ge=1, description="windows per optimizer step")
     max_steps: int = Field(200, ge=1, description="optimizer steps (each model)")
     lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a share of the peak (linear decay)")
     warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
-    grad_clip: float = Field(1.0, gt=0, description="max gradient norm")
     eval_interval: int = Field(100, ge=1, description="steps between validation runs and checkpoints")
     eval_batches: int = Field(10, ge=1, description="validation batches per validation run")
-    seed: int = Field(0, description="random seed")
-    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: DType = Field(
-        "auto", description="autocast dtype: auto = bfloat16 on GPU and on CPUs with native bf16, else float32"
-    )
