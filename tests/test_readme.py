@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from mlpmem.cli import apply_overrides, build_parser, stage_config
-from mlpmem.config import load_yaml, validate
-from mlpmem.presets import preset_path, resolve_pipeline
+from mlpmem.config import validate
+from mlpmem.presets import load_pipeline, preset_path
 from mlpmem.stages import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_every_mlpmem_command_parses_and_validates(doc, command, tmp_path, monke
     if args.command == "run":
         if args.pipeline.endswith(".yaml") and "/" not in args.pipeline:  # "your own YAML, from a copy of a preset"
             shutil.copy(preset_path("demo"), args.pipeline)
-        data = apply_overrides(load_yaml(resolve_pipeline(args.pipeline)), rest)
+        data = apply_overrides(load_pipeline(args.pipeline), rest)
         validate(RunConfig, data).stage_configs()
     else:
         assert not rest, f"unknown arguments {rest}"
