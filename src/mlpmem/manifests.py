@@ -68,7 +68,7 @@ class DatastoreManifest(Manifest):
     context: int | None = None
     stride: int | None = None
     windows: int | None = None
-    processes: int | None = None
+    processes: int | None = None  # read from manifests written before environment.processes; no longer written
 
     @property
     def entries(self) -> int:

@@ -124,7 +124,7 @@ def build_datastore(config: DatastoreConfig) -> DatastoreManifest:
             "extract_seconds": round(seconds, 2),
             "tokens_per_second": rate,
         }
-        build.complete(**found, processes=state.num_processes)
+        build.complete(**found)
     state.wait_for_everyone()
     return run.require("datastore")
 
@@ -141,7 +141,7 @@ def build_values_only(
     for a in range(0, len(values), 1 << 22):
         values[a : a + (1 << 22)] = tokens[a + 1 : a + 1 + (1 << 22)]
     values.flush()
-    return build.complete(**found, processes=1)
+    return build.complete(**found)
 
 
 def extract(build: StageBuild, chunks: list[list[Window]], state, write) -> tuple[float, int]:

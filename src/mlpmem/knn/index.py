@@ -159,22 +159,9 @@ def build_index(config: IndexConfig) -> IndexManifest:
     if not state.is_main_process:  # streamed keys and on-disk lists are built by the main process alone
         state.wait_for_everyone()
         return run.require("index")
-    ranges = [] if sharded else source.ranges(config.add_chunk)
-    bar = progress(total=0 if sharded else n, unit="key", unit_scale=True, desc="index")
-    if config.on_disk:
-        builder = OnDiskBuild(build.dir, None if resumed else index)
-        for c, (a, b) in enumerate(ranges):
-            builder.add_chunk(c, lambda shard, a=a, b=b: shard.add_with_ids(source.range(a, b), np.arange(a, b)))
-            bar.update(b - a)
-        index = builder.merge(build.dir / INDEX_FILE, len(ranges))
-        builder.clean()
-    else:
-        for a, b in ranges:
-            index.add(source.range(a, b))
-            bar.update(b - a)
-    bar.close()
-    if on_gpu and not sharded:
-        index = faiss.index_gpu_to_cpu(index)
+    if not sharded:
+        index = fill(index, source, config, build.dir, None if resumed else index)
+        index = faiss.index_gpu_to_cpu(index) if on_gpu else index
     set_nprobe(index, nprobe)
     build_seconds = time.time() - t0
     write_index_atomically(index, build.dir / INDEX_FILE)
@@ -196,6 +183,26 @@ def build_index(config: IndexConfig) -> IndexManifest:
     )
     state.wait_for_everyone()
     return manifest
+
+
+def fill(index: faiss.Index, source, config: IndexConfig, folder: Path, fresh: faiss.Index | None) -> faiss.Index:
+    """Add every key of ``source`` in chunks (main process): into ``index``, or, with ``--on-disk``, into resumable
+    list shards merged into ``lists.bin`` (``fresh``: the trained index; None when resuming after a kill)."""
+    ranges = source.ranges(config.add_chunk)
+    bar = progress(total=source.n, unit="key", unit_scale=True, desc="index")
+    if config.on_disk:
+        builder = OnDiskBuild(folder, fresh)
+        for c, (a, b) in enumerate(ranges):
+            builder.add_chunk(c, lambda shard, a=a, b=b: shard.add_with_ids(source.range(a, b), np.arange(a, b)))
+            bar.update(b - a)
+        index = builder.merge(folder / INDEX_FILE, len(ranges))
+        builder.clean()
+    else:
+        for a, b in ranges:
+            index.add(source.range(a, b))
+            bar.update(b - a)
+    bar.close()
+    return index
 
 
 def train(index: faiss.Index, sample: np.ndarray, factory: str) -> None:
