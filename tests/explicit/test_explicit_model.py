@@ -1,7 +1,11 @@
 """The memory-reading LM against independent references: the plain LM (no memory), the plain LM over a prefix
 (memories that are a prefix's full key/values), a full forward (generation with the KV cache), a round trip."""
 
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -117,3 +121,19 @@ def test_top_tokens_agree_with_a_brute_force_attention_matrix():
                 top = np.sort(np.argsort(-a.sum(axis=0))[:keep])
                 np.testing.assert_allclose(got[b, li, 0, head].numpy(), k[top, head], atol=1e-5)
                 np.testing.assert_allclose(got[b, li, 1, head].numpy(), v[top, head], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "first_import",
+    ["from transformers import GPT2Config", "from transformers import GPT2LMHeadModel", "import transformers"],
+)
+def test_auto_classes_load_the_explicit_lm_whatever_transformers_imports_first(first_import, tmp_path):
+    """GPT-2's config module loads modeling_auto half-way through: registration must wait, not fail."""
+    ExplicitMemoryLM.from_lm(tiny_gpt2(), memory_layers=[0], keep_tokens=4).save_pretrained(tmp_path)
+    code = (
+        f"import mlpmem; {first_import}; from transformers import AutoModelForCausalLM;"
+        f"print(type(AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ExplicitMemoryLM"
+    assert "could not register" not in out.stderr
