@@ -4,13 +4,15 @@ recurrent state does not) and the process's peak RSS, at several context lengths
 
     python benchmarks/arch_bench.py --run-dir gpt2=runs/wt2 --run-dir mom=runs/wt2-mom \
         --run-dir gated-deltanet=runs/wt2-gdn --out benchmarks/results/wt2-arch-bench.json
+    python benchmarks/arch_bench.py --run-dir gpt2=runs/wt2 --preset mom=wt2-mom   # MoM at the preset's sizes
     python benchmarks/arch_bench.py --contexts 128 --new-tokens 8 --out /tmp/arch-bench.json   # random init, smoke
 
 An architecture given a run directory (``ARCH=RUN``) is the run's trained LM (its ``train-lm`` model), and is also
 timed with the run's MLP memory when the run has a complete ``train-memory`` stage (the joint model of
 ``mlpmem.inference.joint``, the memory's tuned or default λ). An architecture without one is a random-init model
 of ``--layers/--width/--heads/--vocab-size`` (the MoM and Gated DeltaNet FFN widths matched to GPT-2's parameter
-count unless given). A GPT-2 whose ``n_positions`` is shorter than a context plus the new tokens is
+count unless given), or with ``ARCH=PRESET`` of a pipeline preset's ``train_lm`` sizes (decode speed and state size
+depend on the shape only). A GPT-2 whose ``n_positions`` is shorter than a context plus the new tokens is
 timed as a random-init copy of the same shape with enough positions (marked ``timing_model`` in the JSON; speed and
 cache size depend on the shape only; with the memory, the run's memory reads the copy's keys). Each (architecture,
 memory, context) runs in a fresh process, so its peak RSS is its own; the decode time is the median over
@@ -45,6 +47,17 @@ def random_model(arch: str, args: dict[str, Any], max_len: int) -> torch.nn.Modu
     return build_model(arch, ffn=ffn or 4 * args["width"], max_len=max_len, **sizes)
 
 
+def preset_model(arch: str, preset: str, vocab_size: int, max_len: int) -> torch.nn.Module:
+    """A random-init LM of the sizes a pipeline preset's ``train_lm`` section gives ``arch`` (context >= max_len)."""
+    from mlpmem.config import TrainLMConfig
+    from mlpmem.lm.train import ARCHITECTURES
+    from mlpmem.presets import load_pipeline
+
+    section = {**load_pipeline(preset).get("train_lm", {}), "arch": arch}
+    config = TrainLMConfig(**{**section, "context": max(max_len, section.get("context", 0))})
+    return ARCHITECTURES[arch](config, vocab_size)
+
+
 def long_copy(config: Any, needed: int) -> tuple[torch.nn.Module, str] | None:
     """A random-init GPT-2 of ``config``'s shape with ``needed`` positions when it has fewer, else None."""
     n_positions = getattr(config, "n_positions", None)
@@ -59,6 +72,10 @@ def long_copy(config: Any, needed: int) -> tuple[torch.nn.Module, str] | None:
 def build(arch: str, run_dir: str | None, with_memory: bool, args: dict[str, Any], needed: int):
     """(model to generate with, its base LM, what was timed)."""
     if run_dir is None:
+        preset = args["presets"].get(arch)
+        if preset is not None:
+            lm = preset_model(arch, preset, args["vocab_size"], needed).eval()
+            return lm, lm, f"random init, sizes of preset {preset}"
         lm = random_model(arch, args, needed).eval()
         return lm, lm, "random init"
     from transformers import AutoConfig
@@ -148,15 +165,22 @@ def in_fresh_process(job: dict[str, Any]) -> dict[str, Any]:
 
 
 # the command ----------------------------------------------------------------------------------------------------
-def parse_run_dirs(items: list[str]) -> dict[str, str]:
+def parse_pairs(items: list[str], flag: str, what: str) -> dict[str, str]:
+    """{arch: value} from ``ARCH=VALUE`` items."""
     out = {}
     for item in items:
-        arch, _, path = item.partition("=")
-        if arch not in ARCHS or not path:
-            raise SystemExit(f"--run-dir: expected ARCH=RUN with ARCH one of {', '.join(ARCHS)}, got {item!r}")
+        arch, _, value = item.partition("=")
+        if arch not in ARCHS or not value:
+            raise SystemExit(f"{flag}: expected ARCH={what} with ARCH one of {', '.join(ARCHS)}, got {item!r}")
+        out[arch] = value
+    return out
+
+
+def parse_run_dirs(items: list[str]) -> dict[str, str]:
+    out = parse_pairs(items, "--run-dir", "RUN")
+    for path in out.values():
         if not Path(path).is_dir():
             raise SystemExit(f"--run-dir: no such directory: {path}")
-        out[arch] = path
     return out
 
 
@@ -169,6 +193,10 @@ def has_memory(run_dir: str) -> bool:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", action="append", default=[], metavar="ARCH=RUN", help="a trained LM (and memory)")
+    p.add_argument(
+        "--preset", action="append", default=[], metavar="ARCH=PRESET",
+        help="an architecture without a run: random init at the sizes of a pipeline preset's train_lm section",
+    )  # fmt: skip
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
     p.add_argument("--contexts", nargs="+", type=int, default=[128, 1024, 4096], help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=64, help="decoded tokens timed per measurement")
@@ -190,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     run_dirs = parse_run_dirs(args.run_dir)
     sizes = {k: getattr(args, k) for k in ("vocab_size", "layers", "width", "heads", "gpt2_ffn", "mom_ffn", "gdn_ffn")}
+    sizes["presets"] = parse_pairs(args.preset, "--preset", "PRESET")
     jobs = [
         {"arch": arch, "run_dir": run_dirs.get(arch), "memory": memory, "context": ctx, "args": sizes,
          "new_tokens": args.new_tokens, "threads": args.threads}
@@ -207,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             flush=True,
         )
         results.append(row)
-    settings = {**vars(args), "out": str(args.out), "run_dir": run_dirs}
+    settings = {**vars(args), "out": str(args.out), "run_dir": run_dirs, "preset": sizes["presets"]}
     report = {"settings": settings, "environment": Environment.current().model_dump(), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, report)
