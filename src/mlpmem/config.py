@@ -378,7 +378,9 @@ class BenchConfig(StageConfig):
     )
     fidelity_tokens: int = Field(4096, ge=16, description="valid tokens whose keys measure each variant's KL to fp32")
     keep_indexes: bool = Field(
-        False, description="keep the synthetic indexes under OUT_DIR/work (else deleted after timing)"
+        False,
+        description="keep the synthetic indexes under OUT_DIR/work, and reuse those an earlier bench kept there "
+        "(else built each time and deleted after timing)",
     )
     seed: int = Field(0, description="seed of the synthetic keys, values and inputs")
     device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlpmem.bench.report import format_table, ms_text
-from mlpmem.bench.synthetic import build_synthetic_index, datastore_bytes, ivfpq_geometry
+from mlpmem.bench.synthetic import build_synthetic_index, cached_synthetic_index, datastore_bytes, ivfpq_geometry
 from mlpmem.bench.timing import Spread, added_ms
 from mlpmem.cli import main
 
@@ -23,6 +23,18 @@ def test_synthetic_index_has_the_recipe_geometry_and_finds_neighbours():
     dists, ids = index.search(np.random.default_rng(0).standard_normal((4, 32), dtype=np.float32) * 4, 64)
     assert (ids >= 0).all() and (np.diff(dists, axis=1) >= 0).all()
     assert datastore_bytes(10, 32) == 10 * (32 * 2 + 4)
+
+
+def test_a_kept_synthetic_index_is_read_back_by_the_next_bench_unchanged(tmp_path):
+    built, factory, path, reused = cached_synthetic_index(tmp_path, 3000, 32, 64, 8, seed=1)
+    assert not reused and path.is_file() and not list(tmp_path.glob("*.partial"))
+    read, factory_read, path_read, reused = cached_synthetic_index(tmp_path, 3000, 32, 64, 8, seed=1)
+    assert reused and (factory_read, path_read, read.nprobe) == (factory, path, built.nprobe)
+    queries = np.random.default_rng(0).standard_normal((20, 32), dtype=np.float32) * 4
+    for a, b in zip(built.search(queries, 16), read.search(queries, 16), strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = cached_synthetic_index(tmp_path, 3000, 32, 64, 8, seed=2)
+    assert not other[3] and other[2] != path  # another seed is another store
 
 
 def test_bench_quick_writes_json_plot_and_table(generation_run, tmp_path, capsys):

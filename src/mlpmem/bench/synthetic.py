@@ -64,6 +64,25 @@ def build_synthetic_index(
     return index, f"IVF{nlist},PQ{m}"
 
 
+def cached_synthetic_index(
+    folder: Path, n: int, d: int, k: int, nprobe: int, seed: int = 0
+) -> tuple[faiss.IndexIVFPQ, str, Path, bool]:
+    """``build_synthetic_index`` through a file in ``folder``: read when an earlier build wrote it, else built and
+    written (atomically). Returns (index, factory, its file, whether it was read)."""
+    nlist, m = ivfpq_geometry(n, d, k, nprobe)
+    path = folder / f"synthetic-{n}-d{d}-IVF{nlist},PQ{m}-seed{seed}.faiss"
+    if path.is_file():
+        index = faiss.read_index(str(path))
+        index.nprobe = min(nprobe, nlist)
+        return index, f"IVF{nlist},PQ{m}", path, True
+    index, factory = build_synthetic_index(n, d, k, nprobe, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    faiss.write_index(index, str(partial))
+    partial.replace(path)
+    return index, factory, path, False
+
+
 def index_file_bytes(index: faiss.Index, path: Path) -> int:
     """Bytes of ``index`` written to ``path`` (the file is left there)."""
     faiss.write_index(index, str(path))
