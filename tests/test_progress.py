@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import logging
 
-from mlpmem.progress import LogLines, progress
+from mlpmem import progress as progress_module
+from mlpmem.progress import LogLines, configure_output, progress
 
 
 def test_log_lines_are_plain_lines_with_rates():
@@ -46,3 +48,18 @@ def test_log_lines_beside_a_progress_bar_have_no_carriage_returns(capsys):
     logging.getLogger("mlpmem.test").info("hidden")
     assert capsys.readouterr().err == ""
     configure_output()
+
+
+def test_only_the_main_process_of_a_launch_logs_info_and_shows_progress(monkeypatch):
+    try:
+        monkeypatch.setenv("RANK", "1")
+        configure_output("info")
+        assert logging.getLogger().level == logging.WARNING and progress_module._QUIET
+        configure_output("error")
+        assert logging.getLogger().level == logging.ERROR
+        monkeypatch.setenv("RANK", "0")
+        configure_output("info")
+        assert logging.getLogger().level == logging.INFO and not progress_module._QUIET
+    finally:
+        monkeypatch.delenv("RANK")
+        configure_output("info")

@@ -31,7 +31,7 @@ from mlpmem.artifacts import RunDir
 from mlpmem.config import StageConfig, load_yaml, validate
 from mlpmem.errors import UsageError
 from mlpmem.presets import load_pipeline, preset_names
-from mlpmem.progress import LOG_LEVELS, configure_output
+from mlpmem.progress import LOG_LEVELS, configure_output, main_process
 from mlpmem.stages import BUILD_STAGES, STAGES, RunConfig, stage_spec
 
 RUNS_ROOT = Path("runs")
@@ -183,7 +183,8 @@ def run_pipeline(pipeline: str, overrides: list[str]) -> None:
             times[stage] = time.time() - t0
             if was_reused:
                 reused.add(stage)
-    print_run_summary(run.run_dir, times, reused)
+    if main_process():
+        print_run_summary(run.run_dir, times, reused)
 
 
 def call_stage(stage: str, config: StageConfig) -> tuple[Any, bool]:
@@ -228,7 +229,7 @@ def manifest_reused(manifest: Any, started: float) -> bool:
 # locking, default run directories ----------------------------------------------------------------------------
 def lock_run(run_dir: Path, command: str):
     """The run directory's lock, taken by the main process only (other ranks of a launch work under it)."""
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+    if not main_process():
         return contextlib.nullcontext()
     return RunDir(run_dir).lock(command)
 

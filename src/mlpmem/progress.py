@@ -9,6 +9,7 @@ configure_output(level="warning", quiet=True)   # mlpmem -q ...: no progress, wa
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -55,9 +56,18 @@ class BarSafeHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+def main_process() -> bool:
+    """Whether this is the main process of a launch (rank 0; True without a launcher). Read from the launcher's
+    environment, so that it costs no torch import."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
 def configure_output(level: str = "info", quiet: bool = False) -> None:
-    """Log level of every logger (lines on stderr, message only) and whether progress output is shown."""
+    """Log level of every logger (lines on stderr, message only) and whether progress output is shown. The other
+    processes of a launch show warnings and errors only: the main process speaks for the launch."""
     global _QUIET
+    if not main_process():
+        level, quiet = ("warning" if logging.getLevelName(level.upper()) < logging.WARNING else level), True
     _QUIET = quiet
     logging.basicConfig(level=level.upper(), format="%(message)s", handlers=[BarSafeHandler()], force=True)
     logging.getLogger("faiss.loader").setLevel(max(logging.WARNING, logging.getLogger().level))
