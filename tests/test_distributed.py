@@ -151,3 +151,35 @@ def test_accelerate_cpu_launch_of_two_is_refused(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("mlpmem: error:")]
     assert out.returncode != 0 and len(errors) == 1 and "started one process where 2 were asked for" in errors[0]
     assert not (run / "datastore").exists() and not (run / "datastore.partial").exists()
+
+
+LIGHT = {
+    **PIPELINE,
+    "datastore": {**PIPELINE["datastore"], "keys": "streamed"},
+    "targets": {**PIPELINE["targets"], "store": False},
+    "train_memory": {**PIPELINE["train_memory"], "mode": "online"},
+    "evaluate": {**PIPELINE["evaluate"], "knn": False},
+}
+
+
+@pytest.mark.slow
+def test_a_disk_light_run_by_two_processes_equals_one(tmp_path):
+    """Keys streamed into the index, targets searched per batch, online keys: the same index bytes, the same memory
+    within float tolerance; the launch prints its run summary once (the main process speaks for it)."""
+    one, two = make_tiny_run(tmp_path / "one"), make_tiny_run(tmp_path / "two")
+    for run in (one, two):
+        (tmp_path / f"{run.name}.yaml").write_text(yaml.safe_dump({"run_dir": str(run), **LIGHT}))
+    torch.set_num_threads(1)
+    assert main(["-q", "run", str(tmp_path / "one.yaml"), "--stages", *STAGES]) == 0
+    out = launch(["run", str(tmp_path / "two.yaml"), "--stages", *STAGES])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("built in") == 1, out.stdout
+    a, b = RunDir(one), RunDir(two)
+    assert (a.folder("index") / "index.faiss").read_bytes() == (b.folder("index") / "index.faiss").read_bytes()
+    assert b.require("train-memory").environment.processes == 2
+    wa = load_file(a.folder("train-memory") / "model" / "model.safetensors")
+    wb = load_file(b.folder("train-memory") / "model" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+    for sa, sb in zip(a.require("evaluate").systems, b.require("evaluate").systems, strict=True):
+        assert sb.test_ppl == pytest.approx(sa.test_ppl, rel=1e-5)
