@@ -453,6 +453,8 @@ class RunDir:
         partial = self.read(stage, partial_dir) if partial_dir.exists() else None
         if partial is not None and self._same_identity(stage, partial, config, inputs) and not partial.complete:
             remove_temp_files(partial_dir)
+            attempts = int(partial.timings.get("attempts", 1)) + 1  # this build was killed attempts - 1 times
+            partial.timings = {**partial.timings, "attempts": attempts}
             return StageBuild(self, stage, partial, partial_dir, "resume")
         shutil.rmtree(partial_dir, ignore_errors=True)
         with disk_errors(partial_dir):
@@ -461,6 +463,7 @@ class RunDir:
             stage=stage, config=config.model_copy(), inputs=inputs, environment=Environment.current()
         )
         build = StageBuild(self, stage, manifest, partial_dir, "fresh")
+        build.manifest.timings = {"first_started_at": round(build.started, 3), "attempts": 1}
         build.save()
         return build
 
@@ -564,11 +567,10 @@ class StageBuild:
         for name, value in fields.items():
             setattr(self.manifest, name, value)
         now = time.time()
-        self.manifest.timings = {
-            **self.manifest.timings,
-            "seconds": round(now - self.started, 2),
-            "completed_at": round(now, 3),
-        }
+        timings = {**self.manifest.timings, "seconds": round(now - self.started, 2), "completed_at": round(now, 3)}
+        if "first_started_at" in timings:  # seconds: this attempt's; since_first_start: the wall time of every attempt
+            timings["since_first_start"] = round(now - timings["first_started_at"], 2)
+        self.manifest.timings = timings
         (self.dir / PROGRESS).unlink(missing_ok=True)
         remove_temp_files(self.dir)
         self.manifest.files = {

@@ -88,6 +88,9 @@ def test_killed_and_resumed_is_identical_and_complete_is_skipped(tmp_path, monke
     calls.clear()
     resumed = build_datastore(DatastoreConfig(run_dir=killed, **config))
     assert len(calls) == n_whole - 6  # the 3 chunks done before the kill are skipped
+    timings = resumed.timings  # built in two attempts: the wall time of both is kept beside the last one's
+    assert timings["attempts"] == 2 and timings["since_first_start"] >= timings["seconds"]
+    assert read_json(whole / "datastore" / "manifest.json")["timings"]["attempts"] == 1
     for name in ("keys", "values"):
         assert (killed / "datastore" / f"{name}.bin").read_bytes() == (whole / "datastore" / f"{name}.bin").read_bytes()
     calls.clear()
