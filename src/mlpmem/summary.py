@@ -37,8 +37,9 @@ def print_run_summary(run_dir: Path, wall_times: dict[str, float], reused: set[s
         if manifest.disk_bytes is not None:
             counts += f"{', ' if counts else ''}disk={manifest.disk_bytes / 1e6:,.1f} MB"
         timings = manifest.timings
-        if int(timings.get("attempts", 1)) > 1:  # built in: the last attempt only
-            counts += f", attempts={timings['attempts']} ({timings.get('since_first_start', 0):.0f}s since the first)"
+        attempts = int(timings.get("attempts", 1))
+        if attempts > 1:  # built in: the last attempt only
+            counts += f", attempts={attempts} ({timings.get('since_first_start', 0):.0f}s since the first)"
         print(f"{stage:<13} {manifest.status:<9} {f'{built:.0f}s' if built else '-':>9} {now_text:>9}  {counts}")
 
 
