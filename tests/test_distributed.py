@@ -156,6 +156,7 @@ def test_accelerate_cpu_launch_of_two_is_refused(tmp_path):
 LIGHT = {
     **PIPELINE,
     "datastore": {**PIPELINE["datastore"], "keys": "streamed"},
+    "index": {**PIPELINE["index"], "add_chunk": 300},  # several chunks of whole windows: each rank streams its own
     "targets": {**PIPELINE["targets"], "store": False},
     "train_memory": {**PIPELINE["train_memory"], "mode": "online"},
     "evaluate": {**PIPELINE["evaluate"], "knn": False},
@@ -164,8 +165,8 @@ LIGHT = {
 
 @pytest.mark.slow
 def test_a_disk_light_run_by_two_processes_equals_one(tmp_path):
-    """Keys streamed into the index, targets searched per batch, online keys: the same index bytes, the same memory
-    within float tolerance; the launch prints its run summary once (the main process speaks for it)."""
+    """Keys streamed into the index (each rank recomputing its share), targets searched per batch, online keys: the
+    same index bytes, the same memory within float tolerance; the launch prints its run summary once."""
     one, two = make_tiny_run(tmp_path / "one"), make_tiny_run(tmp_path / "two")
     for run in (one, two):
         (tmp_path / f"{run.name}.yaml").write_text(yaml.safe_dump({"run_dir": str(run), **LIGHT}))

@@ -33,7 +33,7 @@ from mlpmem.distributed import begin_shared, process_state
 from mlpmem.errors import UsageError
 from mlpmem.knn.index_shards import add_sharded, shardable
 from mlpmem.knn.ondisk import LISTS_FILE, TRAINED_FILE, OnDiskBuild, read_any_index, write_index_atomically
-from mlpmem.knn.stream import StoredKeys, key_source
+from mlpmem.knn.stream import key_source
 from mlpmem.manifests import IndexManifest
 from mlpmem.progress import progress
 
@@ -152,11 +152,11 @@ def build_index(config: IndexConfig) -> IndexManifest:
     if state.is_main_process and not index.is_trained and not resumed:
         train(index, source.sample(n_train, config.seed), factory)
     train_seconds = time.time() - t0
-    sharded = state.num_processes > 1 and shardable(index) and not config.on_disk and isinstance(source, StoredKeys)
-    if sharded:  # each rank encodes its block of the stored keys on the CPU; the main process merges
+    sharded = state.num_processes > 1 and shardable(index) and not config.on_disk
+    if sharded:  # each rank encodes its block of the (stored or streamed) keys on the CPU; the main process merges
         trained = (faiss.index_gpu_to_cpu(index) if on_gpu else index) if state.is_main_process else None
-        index = add_sharded(trained, source.keys, config.add_chunk, state, build.dir)
-    if not state.is_main_process:  # streamed keys and on-disk lists are built by the main process alone
+        index = add_sharded(trained, source, config.add_chunk, state, build.dir)
+    if not state.is_main_process:  # on-disk lists (and indexes without lists) are built by the main process alone
         state.wait_for_everyone()
         return run.require("index")
     if not sharded:
