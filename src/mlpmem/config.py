@@ -197,7 +197,14 @@ class DatastoreConfig(StageConfig):
     device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
-class IndexConfig(StageConfig):
+class StreamedKeysConfig(StageConfig):
+    """The settings of the stages that recompute a streamed datastore's keys with the LM (index, targets)."""
+
+    batch_size: int = setting(8, "windows per LM forward (a streamed datastore's keys)", ge=1)
+    device: Device = setting("auto", "LM device for a streamed datastore's keys: auto, cpu, cuda, cuda:N or mps")
+
+
+class IndexConfig(StreamedKeysConfig):
     factory: str | None = Field(None, description="FAISS factory string (e.g. 'IVF1024,PQ32'); default: from size")
     flat_threshold: int = Field(200_000, ge=1, description="below this many keys the index is exact (Flat)")
     nprobe: int | None = Field(None, ge=1, description="IVF lists searched by default; stored with the index")
@@ -210,11 +217,9 @@ class IndexConfig(StageConfig):
         description="inverted lists in a file mapped at search time (IVF only): RAM does not grow with the store; "
         "built in resumable shards of --add-chunk keys",
     )
-    batch_size: int = setting(8, "windows per LM forward (a streamed datastore's keys)", ge=1)
-    device: Device = setting("auto", "LM device for a streamed datastore's keys: auto, cpu, cuda, cuda:N or mps")
 
 
-class TargetsConfig(StageConfig):
+class TargetsConfig(StreamedKeysConfig):
     k: int = Field(64, ge=1, description="neighbours per entry (self excluded)")
     knn_temperature: float = Field(10.0, gt=0, description="T in softmax(-d/T) over squared L2 distances")
     width: int = Field(128, ge=1, description="max distinct tokens kept per entry (m)")
@@ -225,8 +230,6 @@ class TargetsConfig(StageConfig):
         description="write every entry's targets; false (disk-light): write nothing, train-memory searches the "
         "targets of each batch in the index (from the batch's keys, at the datastore's key layer)",
     )
-    batch_size: int = setting(8, "windows per LM forward (a streamed datastore's keys)", ge=1)
-    device: Device = setting("auto", "LM device for a streamed datastore's keys: auto, cpu, cuda, cuda:N or mps")
 
 
 class TrainMemoryConfig(StageConfig):

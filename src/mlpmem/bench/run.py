@@ -45,7 +45,7 @@ from mlpmem.bench.long_context import long_context_decode
 from mlpmem.bench.memory_speed import parameter_bytes, time_variants
 from mlpmem.bench.overhead import free_memory_lm, mixing_overhead
 from mlpmem.bench.report import output_dir, plot
-from mlpmem.bench.synthetic import build_synthetic_index, cached_synthetic_index, datastore_bytes, index_file_bytes
+from mlpmem.bench.synthetic import cached_synthetic_index, datastore_bytes
 from mlpmem.bench.timing import NOISY, Spread, added_ms, interleaved_decode_ms, interleaved_scoring_tokens_per_s
 from mlpmem.config import BenchConfig
 from mlpmem.devices import resolve_device
@@ -339,17 +339,12 @@ def open_store(store: Store, config: BenchConfig, s: Setup, work: Path) -> tuple
         size = sum(r.bytes for r in datastore.files.values()) + sum(r.bytes for r in index.files.values())
         return retriever, size, index.factory or "?"
     t0 = time.time()
-    if config.keep_indexes:  # kept indexes are reused by the next bench with the same out dir
-        index, factory, path, reused = cached_synthetic_index(
-            work, store.size, s.knn_dim, config.k, config.nprobe, config.seed
-        )
-        size = datastore_bytes(store.size, s.knn_dim) + path.stat().st_size
-    else:
-        index, factory = build_synthetic_index(store.size, s.knn_dim, config.k, config.nprobe, config.seed)
-        path = work / f"synthetic-{store.size}.faiss"
-        size = datastore_bytes(store.size, s.knn_dim) + index_file_bytes(index, path)
-        path.unlink(missing_ok=True)
-        reused = False
+    index, factory, path, reused = cached_synthetic_index(
+        work, store.size, s.knn_dim, config.k, config.nprobe, config.seed
+    )  # kept indexes are reused by the next bench with the same out dir
+    size = datastore_bytes(store.size, s.knn_dim) + path.stat().st_size
+    if not config.keep_indexes:
+        path.unlink()
     store.build_s = None if reused else round(time.time() - t0, 1)
     values = np.random.default_rng(config.seed).integers(0, s.vocab, store.size, dtype=np.int32)
     retriever = KnnRetriever(

@@ -11,7 +11,6 @@ usual. Keys are generated and encoded in chunks, never held all at once.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import faiss
@@ -81,12 +80,6 @@ def cached_synthetic_index(
     faiss.write_index(index, str(partial))
     partial.replace(path)
     return index, factory, path, False
-
-
-def index_file_bytes(index: faiss.Index, path: Path) -> int:
-    """Bytes of ``index`` written to ``path`` (the file is left there)."""
-    faiss.write_index(index, str(path))
-    return os.path.getsize(path)
 
 
 def datastore_bytes(n: int, d: int) -> int:
