@@ -133,6 +133,7 @@ def cache_bytes(cache: Any) -> int:
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """One (arch, memory, context) in this process: cache bytes after the prompt, decode ms/token, RSS."""
     from mlpmem.bench.timing import decode_step_seconds
+    from mlpmem.hf_cache import cache_of
 
     torch.set_num_threads(job["threads"])
     ctx, new = job["context"], job["new_tokens"]
@@ -140,7 +141,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     rss_loaded = rss_bytes()
     prompt = torch.randint(0, lm.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        state = cache_bytes(lm(input_ids=prompt, use_cache=True).past_key_values)
+        state = cache_bytes(cache_of(lm(input_ids=prompt, use_cache=True)))
         decode_step_seconds(model.generate, prompt[:, :16], 4)  # warm-up
         t0 = time.perf_counter()
         steps = decode_step_seconds(model.generate, prompt, new) * 1e3  # [new - 1] ms

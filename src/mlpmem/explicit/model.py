@@ -28,6 +28,7 @@ from transformers.models.auto.modeling_auto import AutoModelForCausalLM
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
 from mlpmem.explicit.configuration import ExplicitMemoryConfig
+from mlpmem.hf_cache import CACHE_ARG, pop_cache
 
 NEVER = 1 << 62  # an interval end no sequence reaches
 
@@ -115,9 +116,10 @@ class MemoryAttention(GPT2Attention):
         self.memory_index = memory_index
 
     def forward(self, hidden_states, past_key_values=None, attention_mask=None, memory=None, **kwargs):
+        past_key_values = pop_cache(kwargs, past_key_values)  # transformers >= 5.24 names it ``cache``
         if memory is None or memory.references == 0:
             return super().forward(
-                hidden_states, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
+                hidden_states, attention_mask=attention_mask, **{CACHE_ARG: past_key_values}, **kwargs
             )
         q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
         shape = (*q.shape[:-1], -1, self.head_dim)
@@ -175,8 +177,9 @@ class ExplicitMemoryLM(GPT2LMHeadModel):
     ):
         if memory is not None:
             kwargs["memory"] = memory
+        past_key_values = pop_cache(kwargs, past_key_values)
         return super().forward(
-            input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
+            input_ids=input_ids, attention_mask=attention_mask, **{CACHE_ARG: past_key_values}, **kwargs
         )
 
 

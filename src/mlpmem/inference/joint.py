@@ -31,6 +31,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mlpmem.errors import UsageError
+from mlpmem.hf_cache import CACHE_ARG, CACHE_FIELD, cache_of, pop_cache
 from mlpmem.inference.configuration import MemoryAugmentedConfig, check_weights
 from mlpmem.inference.mixing import mix_log_probs
 from mlpmem.lm.keys import KeyHook, key_module_path
@@ -212,6 +213,7 @@ class MemoryAugmentedForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """``logits``: mixed log-probs [B, L', V] of the next token at the last L' positions (all when
         ``logits_to_keep`` is 0); ``loss``: mean NLL of ``labels`` [B, T] (shifted; -100 ignored) under the mixture."""
+        past_key_values = pop_cache(kwargs, past_key_values)  # transformers >= 5.24 names it ``cache``
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("return_dict", None)
         layers = self.key_layers
@@ -221,8 +223,8 @@ class MemoryAugmentedForCausalLM(PreTrainedModel, GenerationMixin):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **{CACHE_ARG: past_key_values},
                 logits_to_keep=logits_to_keep,
                 return_dict=True,
                 **kwargs,
@@ -237,9 +239,9 @@ class MemoryAugmentedForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
+            **{CACHE_FIELD: cache_of(out)},
         )
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:

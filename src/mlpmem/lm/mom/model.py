@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mlpmem.errors import UsageError
+from mlpmem.hf_cache import CACHE_FIELD, pop_cache
 from mlpmem.lm.mom.configuration import MoMLMConfig
 from mlpmem.lm.mom.layer import MoMConfig, MoMLayer, MoMState, RMSNorm
 
@@ -163,6 +164,7 @@ class MoMModel(MoMPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, MoMCache | None, torch.Tensor]:
+        past_key_values = pop_cache(kwargs, past_key_values)  # transformers >= 5.24 names it ``cache``
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, D]
         T = x.shape[1]
         mask = attention_mask[:, -T:] if attention_mask is not None and attention_mask.dim() == 2 else None
@@ -222,6 +224,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> MoMCausalLMOutput:
+        past_key_values = pop_cache(kwargs, past_key_values)  # transformers >= 5.24 names it ``cache``
         hidden, cache, aux = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -235,7 +238,7 @@ class MoMForCausalLM(MoMPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
             if self.training and self.config.aux_loss_weight > 0 and self.config.num_memories > 1:
                 loss = loss + self.config.aux_loss_weight * aux.to(loss.dtype)
-        return MoMCausalLMOutput(loss=loss, logits=logits, past_key_values=cache, aux_loss=aux)
+        return MoMCausalLMOutput(loss=loss, logits=logits, aux_loss=aux, **{CACHE_FIELD: cache})
 
     def _reorder_cache(self, past_key_values: MoMCache, beam_idx: torch.LongTensor) -> MoMCache:
         past_key_values.reorder_cache(beam_idx)
