@@ -252,6 +252,13 @@ class TrainMemoryConfig(StageConfig):
     init_head_from_lm: bool = Field(True, description="initialise the vocab head from the LM's output embedding")
     alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha*KL(p_kNN||p_mem) + (1-alpha)*CE(gold)")
     batch_size: int = Field(1024, ge=1, description="keys per step")
+    shuffle_keys: int = Field(
+        65_536,
+        ge=0,
+        description="online mode: keys recomputed together and shuffled across their batches, so that a batch "
+        "mixes many windows (held in memory: shuffle_keys x key width x 4 bytes); up to batch_size: a batch is "
+        "a few whole windows",
+    )
     epochs: float = Field(2.0, gt=0, description="passes over the datastore")
     lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW)")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a share of the peak")

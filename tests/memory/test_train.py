@@ -19,7 +19,15 @@ from mlpmem.lm.load import load_lm, run_lm_dir
 from mlpmem.memory import train as train_module
 from mlpmem.memory.loss import memory_loss
 from mlpmem.memory.model import MLPMemory, MLPMemoryConfig, check_pairing, load_memory
-from mlpmem.memory.train import OfflineKeys, OnlineKeys, Targets, recompute_keys, train_memory, units_for_step
+from mlpmem.memory.train import (
+    BatchPlan,
+    OfflineKeys,
+    OnlineKeys,
+    Targets,
+    recompute_keys,
+    train_memory,
+    units_for_step,
+)
 from mlpmem.training import MetricsLog
 
 from memory_inputs import CONTEXT, KEY_LAYER, STRIDE, datastore_keys, memory_run, memory_run_template  # noqa: F401
@@ -158,9 +166,49 @@ def test_units_for_step_covers_each_epoch_once():
     assert np.array_equal(units_for_step(7, per, n, seed=3), drawn[35:40])
 
 
-def test_killed_and_resumed_equals_uninterrupted(memory_run, tmp_path, monkeypatch):
+def test_online_batches_mix_a_pool_of_windows(memory_run):
+    """Pooled online batches: every training entry of the pool's windows once, in batches that mix many windows,
+    with the keys a plain recompute gives; two ranks' shares partition the one-process batch."""
+    lm = load_lm(run_lm_dir(memory_run))
+    tokens = open_split(memory_run, "train")
+    windows = sliding_windows(len(tokens), CONTEXT, STRIDE)
+    n_train = len(tokens) - 1 - VALID
+    source = OnlineKeys(lm, KEY_LAYER, tokens, windows, n_train)
+    cpu = torch.device("cpu")
+    plan = BatchPlan(per_step=2, n_units=source.n_units, total_steps=10, seed=5, pool_steps=4)
+    units = units_for_step(0, 2, source.n_units, seed=5, n_steps=4)  # the first pool: steps 0..3
+    batches = [source.step_batch(s, plan, cpu) for s in range(4)]
+    ids = np.concatenate([b[0] for b in batches])
+    naive = sorted(p for u in units for p in range(windows[u].first_scored, windows[u].end - 1) if p < n_train)
+    assert sorted(ids) == naive and len(set(ids)) == len(ids)
+    owner = np.searchsorted([w.first_scored for w in source.windows], batches[0][0], side="right") - 1
+    assert len(set(owner)) > plan.per_step  # an unpooled batch holds exactly per_step windows
+    keys = torch.cat([b[1] for b in batches])
+    torch.testing.assert_close(keys, recompute_keys(lm, KEY_LAYER, tokens, windows, ids, cpu), rtol=1e-5, atol=1e-5)
+
+    for step in (1, 9):  # a step of the first pool and one of the last, shorter pool (steps 8, 9)
+        whole, _ = source.step_batch(step, plan, cpu)
+        shares = [OnlineKeys(lm, KEY_LAYER, tokens, windows, n_train) for _ in range(2)]
+        parts = [shares[r].step_batch(step, BatchPlan(**{**plan.__dict__, "rank": r, "world": 2}), cpu) for r in (0, 1)]
+        assert sorted(np.concatenate([p[0] for p in parts])) == sorted(whole)
+        assert all(len(p[0]) for p in parts)
+
+    # one pool of two epochs: every window drawn twice, every entry trained twice, by one rank or the other
+    two = BatchPlan(per_step=2, n_units=source.n_units, total_steps=source.n_units, seed=1, pool_steps=source.n_units)
+    whole = np.concatenate([source.step_batch(s, two, cpu)[0] for s in range(two.total_steps)])
+    assert np.array_equal(np.sort(whole), np.repeat(np.arange(n_train), 2))
+    shares = [OnlineKeys(lm, KEY_LAYER, tokens, windows, n_train) for _ in range(2)]
+    plans = [BatchPlan(**{**two.__dict__, "rank": r, "world": 2}) for r in (0, 1)]
+    for step in range(two.total_steps):
+        parts = [shares[r].step_batch(step, plans[r], cpu)[0] for r in (0, 1)]
+        assert np.array_equal(np.sort(np.concatenate(parts)), np.sort(source.step_batch(step, two, cpu)[0]))
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_killed_and_resumed_equals_uninterrupted(memory_run, tmp_path, monkeypatch, mode):
+    """Online, the kill falls inside a shuffle pool (5 steps of 64 keys): the resumed run recomputes it."""
     other = shutil.copytree(memory_run, tmp_path / "other")
-    cfg = dict(epochs=1.5, eval_interval=7)
+    cfg = dict(epochs=1.5, eval_interval=7, mode=mode, shuffle_keys=320)
     reference = train_memory(config(other, **cfg))
 
     class Killed(Exception):

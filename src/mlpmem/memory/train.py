@@ -4,12 +4,14 @@
 
 One loop, two key sources: *offline* reads keys from the datastore memmap; *online* recomputes them with the
 frozen LM through the forward core (no key storage), at the datastore's key layer or any other (``--key-layer``,
-``--key-depth``: the memory's key layer is its own setting; the targets always come from the datastore). The last
-``valid_size`` entries are held out for the validation loss. Resumes from its checkpoints after a kill (kept
-until the stage is complete); several processes (CPU or GPU) through ``accelerate launch --multi_gpu
---num_processes N -m mlpmem.cli train-memory ...``: each rank takes a disjoint shard of every global batch, and the
-averaged gradient is that of the global batch's mean loss (equal to one process within float tolerance, tested).
-The final memory is saved with save_pretrained to RUN/train-memory/model.
+``--key-depth``: the memory's key layer is its own setting; the targets always come from the datastore). Online
+keys are computed a pool at a time (``--shuffle-keys``) and shuffled across the pool's batches, so that a batch
+mixes many windows, as an offline batch mixes the whole corpus. The last ``valid_size`` entries are held out for
+the validation loss. Resumes from its checkpoints after a kill (kept until the stage is complete); several
+processes (CPU or GPU) through ``accelerate launch --multi_gpu --num_processes N -m mlpmem.cli train-memory ...``:
+each rank takes a disjoint shard of every global batch (online: the batch's entries among the windows it
+computed), and the averaged gradient is that of the global batch's mean loss (equal to one process within float
+tolerance, tested). The final memory is saved with save_pretrained to RUN/train-memory/model.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class KeySource(Protocol):
     def batch(self, units: np.ndarray, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
         """Sorted training entry ids [n] covered by ``units`` and their keys [n, d] (float32, on device)."""
 
+    def step_batch(self, step: int, plan: BatchPlan, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+        """This rank's share of global step ``step``: sorted entry ids [n] and their keys [n, d]."""
+
     def keys_for(self, entry_ids: np.ndarray, device: torch.device) -> torch.Tensor:
         """Keys [n, d] (float32, on device) of the given entries, in their order."""
 
@@ -85,6 +90,9 @@ class OfflineKeys:
     def batch(self, units: np.ndarray, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
         ids = np.sort(units)  # sorted reads are sequential on disk
         return ids, self.keys_for(ids, device)
+
+    def step_batch(self, step: int, plan: BatchPlan, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+        return self.batch(plan.units(step, 1)[plan.rank :: plan.world], device)
 
 
 def window_keys(
@@ -135,10 +143,15 @@ class OnlineKeys:
         self.n_train = n_train
         self.n_units = len(self.windows)
         self.keys_per_unit = n_train / self.n_units
+        self._pool: tuple | None = None  # (pool, computed ids, their keys, batches, owned masks) being drawn
 
-    def batch(self, units: np.ndarray, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+    def batch(
+        self, units: np.ndarray, device: torch.device, forward_batch: int | None = None
+    ) -> tuple[np.ndarray, torch.Tensor]:
         chosen = [self.windows[u] for u in np.sort(units)]
-        ids, keys = window_keys(self.lm, self.key_layer, self.tokens, chosen, self.lm_device, len(chosen))
+        ids, keys = window_keys(
+            self.lm, self.key_layer, self.tokens, chosen, self.lm_device, forward_batch or max(1, len(chosen))
+        )
         keep = ids < self.n_train  # a window may reach into the held-out entries
         return ids[keep], keys[torch.from_numpy(keep).to(keys.device)].to(device)
 
@@ -146,13 +159,63 @@ class OnlineKeys:
         keys = recompute_keys(self.lm, self.key_layer, self.tokens, self.all_windows, entry_ids, self.lm_device)
         return keys.to(device)
 
+    def training_ids(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Training entry ids scored by ``units`` (no forward pass), and each one's slot: its unit's index in
+        ``units`` (a window drawn twice, across an epoch boundary, gives its entries twice, in two slots)."""
+        spans = [np.arange(w.first_scored, w.first_scored + w.n_scored) for w in (self.windows[u] for u in units)]
+        ids = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
+        slots = np.repeat(np.arange(len(spans)), [len(span) for span in spans])
+        keep = ids < self.n_train
+        return ids[keep], slots[keep]
 
-def units_for_step(step: int, per_step: int, n_units: int, seed: int) -> np.ndarray:
-    """Units [per_step] of global step ``step``: a slice of the concatenation of per-epoch permutations.
+    def step_batch(self, step: int, plan: BatchPlan, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+        """Batches drawn across a pool of ``plan.pool_steps`` steps' windows: their keys are computed once (each rank
+        its share of the windows), their entries shuffled together and cut into the pool's batches, so that one
+        batch mixes many windows instead of holding a few runs of consecutive tokens."""
+        pool, j = divmod(step, plan.pool_steps)
+        if self._pool is None or self._pool[0] != pool:
+            self._pool = None  # free the previous pool's keys before computing the next
+            n_steps = min(plan.pool_steps, plan.total_steps - pool * plan.pool_steps)
+            units = plan.units(pool * plan.pool_steps, n_steps)
+            # forward passes of one step's windows at a time: the activation memory of an unpooled step
+            mine, keys = self.batch(units[plan.rank :: plan.world], self.lm_device, plan.per_step)
+            ids, slots = self.training_ids(units)
+            order = np.random.default_rng([plan.seed, pool]).permutation(len(ids))
+            ids, slots = ids[order], slots[order]
+            owned = slots % plan.world == plan.rank  # the rank that computed the entry's slot trains it
+            self._pool = (pool, mine, keys, np.array_split(ids, n_steps), np.array_split(owned, n_steps))
+        _, mine, keys, batches, owned = self._pool
+        wanted = np.sort(batches[j][owned[j]])
+        rows = torch.from_numpy(np.searchsorted(mine, wanted))  # the rank computed every entry it owns
+        return wanted, keys[rows.to(keys.device)].to(device)
 
-    A pure function of the step, so a resumed run draws exactly the batches an uninterrupted one would.
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How global steps draw their units, and which share is this process's (``rank`` of ``world``).
+
+    Every step takes ``per_step`` units from per-epoch permutations; online batches are drawn across pools of
+    ``pool_steps`` consecutive steps (OnlineKeys.step_batch). Pure functions of the step, so a resumed run draws
+    exactly the batches an uninterrupted one would.
     """
-    start, parts = step * per_step, []
+
+    per_step: int
+    n_units: int
+    total_steps: int
+    seed: int
+    pool_steps: int = 1
+    rank: int = 0
+    world: int = 1
+
+    def units(self, first_step: int, n_steps: int) -> np.ndarray:
+        """Units [n_steps * per_step] of steps first_step .. first_step + n_steps - 1, in draw order."""
+        return units_for_step(first_step, self.per_step, self.n_units, self.seed, n_steps)
+
+
+def units_for_step(step: int, per_step: int, n_units: int, seed: int, n_steps: int = 1) -> np.ndarray:
+    """Units [n_steps * per_step] of global steps ``step`` .. ``step + n_steps - 1``: a slice of the concatenation
+    of per-epoch permutations."""
+    start, parts, per_step = step * per_step, [], per_step * n_steps
     while per_step > 0:
         epoch, offset = divmod(start, n_units)
         take = min(per_step, n_units - offset)
@@ -434,6 +497,8 @@ def fit(
     main = accelerator.is_main_process
     per_step = max(world, round(config.batch_size / source.keys_per_unit))  # units per global step
     total_steps = max(1, math.ceil(config.epochs * source.n_units / per_step))
+    pool_steps = max(1, round(config.shuffle_keys / config.batch_size))
+    plan = BatchPlan(per_step, source.n_units, total_steps, config.seed, pool_steps, rank, world)
     scheduler = make_scheduler(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
     restore_scheduler(scheduler, optimizer, state)
     targets = open_targets(Path(config.run_dir))
@@ -458,7 +523,7 @@ def fit(
     window = StepWindow()
     while loop.step < total_steps:
         t0 = time.perf_counter()
-        ids, keys = source.batch(units_for_step(loop.step, per_step, source.n_units, config.seed)[rank::world], device)
+        ids, keys = source.step_batch(loop.step, plan, device)
         lr = scheduler.get_last_lr()[0]
         n_global = int(sum_over_ranks([len(ids)], device)[0]) if world > 1 else len(ids)
         parts = train_step(
