@@ -214,7 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from mlpmem.artifacts import Environment, atomic_write_json
+    from mlpmem.bench.report import write_json_report
 
     args = parse_args(argv)
     run_dirs = parse_run_dirs(args.run_dir)
@@ -238,11 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         results.append(row)
     settings = {**vars(args), "out": str(args.out), "run_dir": run_dirs, "preset": sizes["presets"]}
-    report = {"settings": settings, "environment": Environment.current().model_dump(), "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out, report)
-    print(f"wrote {args.out}")
-    return report
+    return write_json_report(args.out, settings, results)
 
 
 if __name__ == "__main__":

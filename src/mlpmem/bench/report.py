@@ -12,6 +12,17 @@ def output_dir(config: Any) -> Path:
     return Path(config.out_dir) if config.out_dir else Path(config.run_dir) / "bench"
 
 
+def write_json_report(path: Path, settings: dict[str, Any], results: list[dict]) -> dict[str, Any]:
+    """A benchmark script's JSON: its settings, the machine it ran on and its result rows (written atomically)."""
+    from mlpmem.artifacts import Environment, atomic_write_json
+
+    report = {"settings": settings, "environment": Environment.current().model_dump(), "results": results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, report)
+    print(f"wrote {path}")
+    return report
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"
