@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-ARCHS = ("gpt2", "gated-deltanet", "mom")
+from arch_bench import parse_pairs  # the sibling script (its folder is on the path when this one runs)
 
 
 def measure(job: dict[str, Any]) -> dict[str, Any]:
@@ -82,12 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/train-speed.json"))
     args = p.parse_args(argv)
-    args.presets = {}
-    for item in args.preset:
-        arch, _, preset = item.partition("=")
-        if arch not in ARCHS or not preset:
-            p.error(f"--preset: expected ARCH=PRESET with ARCH one of {', '.join(ARCHS)}, got {item!r}")
-        args.presets[arch] = preset
+    args.presets = parse_pairs(args.preset, "--preset", "PRESET")
     return args
 
 
