@@ -129,6 +129,7 @@ def main() -> None:
 def write_report(args: argparse.Namespace, results: dict, overrides: dict) -> None:
     """The measurements so far, with the settings and the machine's load, as JSON (``--out``)."""
     report = {
+        "command": " ".join(["python", *sys.argv]),
         "run_dir": str(args.run_dir),
         "processes": args.processes,
         "repeats": args.repeats,
