@@ -24,6 +24,7 @@ from mlpmem.memory.train import (
     OfflineKeys,
     OnlineKeys,
     Targets,
+    epoch_permutation,
     recompute_keys,
     train_memory,
     units_for_step,
@@ -164,6 +165,17 @@ def test_units_for_step_covers_each_epoch_once():
         assert sorted(drawn[e * n : (e + 1) * n]) == list(range(n))
     assert not np.array_equal(drawn[:n], drawn[n : 2 * n])
     assert np.array_equal(units_for_step(7, per, n, seed=3), drawn[35:40])
+
+
+def test_units_for_step_draw_each_epoch_from_its_seeded_permutation():
+    """The cached per-epoch order is the seeded permutation drawn afresh (runs resume to the same batches), and
+    it cannot be changed by a caller."""
+    n, per = 23, 5
+    drawn = np.concatenate([units_for_step(s, per, n, seed=3) for s in range(14)])
+    fresh = np.concatenate([np.random.default_rng([3, e]).permutation(n) for e in range(4)])
+    assert np.array_equal(drawn, fresh[:70])
+    with pytest.raises(ValueError):
+        epoch_permutation(3, 0, n)[0] = 0
 
 
 def test_online_batches_mix_a_pool_of_windows(memory_run):

@@ -16,6 +16,7 @@ tolerance, tested). The final memory is saved with save_pretrained to RUN/train-
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -219,9 +220,18 @@ def units_for_step(step: int, per_step: int, n_units: int, seed: int, n_steps: i
     while per_step > 0:
         epoch, offset = divmod(start, n_units)
         take = min(per_step, n_units - offset)
-        parts.append(np.random.default_rng([seed, epoch]).permutation(n_units)[offset : offset + take])
+        parts.append(epoch_permutation(seed, epoch, n_units)[offset : offset + take])
         start, per_step = start + take, per_step - take
     return np.concatenate(parts)
+
+
+@functools.lru_cache(maxsize=2)  # the current epoch's and the next one's (a step may straddle both)
+def epoch_permutation(seed: int, epoch: int, n_units: int) -> np.ndarray:
+    """The units [n_units] of ``epoch`` in draw order, read-only. Drawn once per epoch, not per step: a
+    permutation of 2.7M entries takes ~70 ms, about 30% of an offline step of the full-WikiText-2 memory."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_units)
+    order.flags.writeable = False
+    return order
 
 
 # targets, validation, checkpoints ----------------------------------------------------------------------------
