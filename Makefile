@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 # machines that provide one).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test test-slow lint install clean-demo
+.PHONY: demo test test-slow test-cpus lint install clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,18 @@ test: lint
 
 test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m slow
+
+# The numeric tests under each CPU kind this machine can take: native (AMX / AVX-512 bf16 where present), held
+# below AMX (AVX-512 with bf16), and held to AVX2 (no bf16: "auto" dtypes resolve to float32 there).
+CPU_CAPS := native \
+	"ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16" \
+	"ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"
+test-cpus: $(VENV)/.installed-test
+	@set -e; for cap in $(CPU_CAPS); do \
+		echo "== numeric tests, CPU cap: $$cap"; \
+		if [ "$$cap" = native ]; then $(PY) -m pytest -q -m "numeric and not slow"; \
+		else env $$cap $(PY) -m pytest -q -m "numeric and not slow"; fi; \
+	done
 
 clean-demo:
 	rm -rf runs/demo

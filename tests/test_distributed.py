@@ -21,6 +21,8 @@ from mlpmem.errors import UsageError
 
 from conftest import make_tiny_run
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 
 @pytest.mark.parametrize("n,world", [(0, 2), (1, 2), (7, 2), (10, 3), (5, 5), (3, 4)])
 def test_contiguous_shares_cover_everything_once_in_order(n, world):

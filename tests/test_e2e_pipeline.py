@@ -18,6 +18,8 @@ from mlpmem.memory.model import MLPMemory
 
 from conftest import tiny_gpt2
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 TINY_PIPELINE = {
     "stages": ["prepare", "train-lm", "datastore", "index", "targets", "train-memory", "evaluate"],
     "prepare": {"corpus": "wikitext-2-slice", "train_tokenizer": 1000},

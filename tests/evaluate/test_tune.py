@@ -25,6 +25,8 @@ from mlpmem.evaluate.tune import (
 )
 from mlpmem.manifests import EvaluateManifest
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 
 def logs(*p: float) -> np.ndarray:
     return np.log(np.asarray(p, dtype=np.float64))

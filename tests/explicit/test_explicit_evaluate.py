@@ -20,6 +20,8 @@ from mlpmem.explicit.train import train_explicit
 from explicit_inputs import CONFIG, memory_run
 from gen_inputs import generation_run, generation_run_template  # noqa: F401 - fixtures
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 
 @pytest.fixture
 def evaluated(tmp_path):

@@ -14,6 +14,8 @@ from mlpmem.explicit.model import ExplicitMemory, ExplicitMemoryLM
 
 from conftest import tiny_gpt2
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 
 def random_memory(model, batch=1, refs=3, seed=0):
     g = torch.Generator().manual_seed(seed)

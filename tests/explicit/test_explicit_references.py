@@ -17,6 +17,8 @@ from mlpmem.lm.load import load_lm
 
 from explicit_inputs import explicit_run
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 
 @pytest.fixture
 def run(tmp_path):

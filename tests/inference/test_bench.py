@@ -14,6 +14,8 @@ from mlpmem.cli import main
 
 from gen_inputs import KNN_LAYER, MEMORY_LAYER, generation_run, generation_run_template  # noqa: F401
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 
 def test_synthetic_index_has_the_recipe_geometry_and_finds_neighbours():
     assert ivfpq_geometry(50_000_000, 256, 1024, 32) == (32768, 32)  # ≈ 4·sqrt(N) lists, 32-byte codes

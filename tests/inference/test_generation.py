@@ -28,6 +28,8 @@ from gen_inputs import (  # noqa: F401
     write_memory,
 )
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 PROMPT = torch.tensor([[5, 6, 7, 8, 40, 41]])
 
 

@@ -29,6 +29,8 @@ from mlpmem.inference.joint import MemoryAugmentedForCausalLM
 from conftest import tiny_gpt2
 from gen_inputs import KNN_LAYER, MEMORY_LAYER, exported, generation_run, generation_run_template  # noqa: F401
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 PROMPT = torch.tensor([[5, 6, 7, 8, 40, 41]])
 ROWS = torch.tensor([[5, 6, 7, 8, 40, 41, 3, 9], [11, 12, 13, 2, 2, 70, 71, 72]])
 

@@ -7,6 +7,8 @@ import torch
 
 from mlpmem.inference.mixing import mix_log_probs, mix_with_lm
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 
 @pytest.mark.parametrize("seed", range(5))
 def test_log_space_mix_equals_probability_space_mix(seed):

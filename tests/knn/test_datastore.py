@@ -21,6 +21,8 @@ from mlpmem.lm.load import load_lm, model_fingerprint, run_lm_dir
 
 from conftest import TINY_VOCAB, make_tiny_run, tiny_gpt2
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 
 def hook_keys(run_dir, tokens: np.ndarray) -> np.ndarray:
     """Keys of one plain forward over ``tokens`` through the full model (LM head included), [T, d]."""

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from mlpmem.knn.distribution import knn_log_prob_of, knn_log_probs_dense, neighbour_values, sparse_distribution
+
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
 
 
 def reference(dists, vals, temperature):

@@ -14,6 +14,8 @@ from mlpmem.knn.search import rerank_exact, search
 
 from knn_helpers import random_datastore, write_datastore
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 
 def brute_force(keys, queries, k):
     d = ((queries[:, None, :].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)  # [Q, N]

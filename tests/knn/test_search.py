@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from mlpmem.artifacts import RunDir
 from mlpmem.config import IndexConfig
@@ -10,6 +11,8 @@ from mlpmem.knn.index import build_index, load_index
 from mlpmem.knn.search import search
 
 from knn_helpers import random_datastore, write_datastore
+
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
 
 
 def test_batches_and_float16_memmap_queries(tmp_path):

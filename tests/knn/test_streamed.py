@@ -23,6 +23,8 @@ from mlpmem.memory.train import train_memory
 
 from conftest import make_tiny_run
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 FACTORY = "IVF8,PQ8"  # d = 32: 4-dim sub-vectors
 
 
@@ -126,7 +128,10 @@ def test_targets_searched_per_batch_train_the_same_memory(runs, tmp_path):
     build_targets(TargetsConfig(run_dir=stored, k=6, knn_temperature=3.0))
     manifest = build_targets(TargetsConfig(run_dir=searched, k=6, knn_temperature=3.0, store=False))
     assert not manifest.stored and manifest.arrays == {} and manifest.disk_bytes == 0
-    train = dict(mode="offline", valid_size=100, epochs=0.5, batch_size=128, n_blocks=1, eval_interval=5)
+    # compared in float32 (no autocast): stored and searched targets must train the same weights on every CPU
+    train = dict(
+        mode="offline", valid_size=100, epochs=0.5, batch_size=128, n_blocks=1, eval_interval=5, dtype="float32"
+    )
     results = [train_memory(TrainMemoryConfig(run_dir=r, **train)) for r in (stored, searched)]
     assert results[0].steps == results[1].steps >= 5
     for key in ("loss", "kl", "ce"):

@@ -14,6 +14,8 @@ from mlpmem.knn.targets import build_targets, drop_self
 
 from knn_helpers import random_datastore, write_datastore
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 ARRAYS = ("tokens", "probs", "gold", "self_found")
 
 

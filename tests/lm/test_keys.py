@@ -10,6 +10,8 @@ from mlpmem.errors import UsageError
 from mlpmem.lm.keys import KEY_MODULES, KeyHook, key_dim, key_module_path
 from mlpmem.lm.mom.configuration import MoMLMConfig
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 SMALL = dict(vocab_size=96, max_position_embeddings=64, num_hidden_layers=2, num_attention_heads=2)
 CONFIGS = {
     "gpt2": lambda: tf.GPT2Config(

@@ -13,6 +13,8 @@ from mlpmem.errors import UsageError
 from mlpmem.lm.mom import rule
 from mlpmem.lm.mom.layer import MoMConfig, MoMLayer, load_balancing_loss
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 SIZES = dict(num_heads=2, head_k_dim=4, head_v_dim=3, chunk_size=4)
 CONFIGS = {
     "mom": lambda: MoMConfig(hidden_size=8, num_memories=4, topk=2, shared_memory=True, **SIZES),

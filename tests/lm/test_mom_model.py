@@ -23,6 +23,8 @@ from mlpmem.lm.mom.model import MoMCache, MoMForCausalLM
 from mlpmem.lm.train import build_model, check_inputs
 from test_e2e_pipeline import TINY_PIPELINE, write_config
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 V = 40
 SIZES = dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_heads=2, chunk_size=4)
 CONFIGS = {

@@ -16,6 +16,8 @@ from mlpmem.lm.load import load_lm
 from mlpmem.lm.train import train_lm
 from mlpmem.training import MetricsLog, checkpoint_due, lr_factor, make_optimizer, make_scheduler
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 TINY = dict(
     n_layer=1,
     n_head=2,

@@ -8,6 +8,8 @@ import torch
 
 from mlpmem.memory.loss import memory_loss
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 B, V, W = 6, 13, 5
 
 

@@ -17,6 +17,8 @@ from mlpmem.memory.model import MLPMemory, MLPMemoryConfig, check_pairing, load_
 
 from conftest import tiny_gpt2
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 
 def small(**kw) -> MLPMemory:
     torch.manual_seed(0)

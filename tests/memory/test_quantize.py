@@ -13,6 +13,8 @@ from mlpmem.bench.memory_speed import mean_kl
 from mlpmem.memory.model import MLPMemory, MLPMemoryConfig
 from mlpmem.memory.quantize import BF16Linear, Int8Linear, quantize_memory
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 
 def tiny_memory(input_dim: int = 24, hidden: int = 32, blocks: int = 2, vocab: int = 200) -> MLPMemory:
     torch.manual_seed(0)

@@ -33,11 +33,15 @@ from mlpmem.training import MetricsLog
 
 from memory_inputs import CONTEXT, KEY_LAYER, STRIDE, datastore_keys, memory_run, memory_run_template  # noqa: F401
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 VALID = 200
 real_load_checkpoint = train_module.load_checkpoint
 
 
 def config(run, **kw) -> TrainMemoryConfig:
+    """A tiny training config. Numbers are compared in float32: training and validation run without autocast, so
+    the manifest's losses and a float32 recomputation agree on every CPU (AVX2, AVX-512 bf16, AMX)."""
     base = dict(
         run_dir=run,
         n_blocks=2,
@@ -47,6 +51,7 @@ def config(run, **kw) -> TrainMemoryConfig:
         warmup_steps=5,
         eval_interval=10,
         valid_size=VALID,
+        dtype="float32",
         device="cpu",
     )
     return TrainMemoryConfig(**{**base, **kw})
@@ -104,6 +109,29 @@ def test_training_lowers_validation_kl(memory_run):
         not (memory_run / "train-memory" / "checkpoints").exists()
         and not (memory_run / "train-memory.partial").exists()
     )
+
+
+def test_bfloat16_training_reports_the_kl_of_its_own_dtype(memory_run):
+    """dtype bfloat16 (native on AVX-512 bf16 / AMX, emulated on AVX2): the manifest's valid KL is the saved
+    memory's KL computed under bfloat16 autocast, batch by batch as validation does. Compared in bfloat16: both
+    sides run the same kernels, so they agree to float32 summation order; the float32 KL of the same weights is
+    within bfloat16's resolution (8 mantissa bits, relative 2^-8 per rounding) of it, not to 1e-4."""
+    manifest = train_memory(config(memory_run, epochs=1, dtype="bfloat16"))
+    memory = load_memory(memory_run)
+    run = RunDir(memory_run)
+    n = run.read("datastore").entries
+    ids = np.arange(n - VALID, n)
+    keys = torch.from_numpy(np.asarray(run.array("datastore", "keys")[ids], np.float32))
+    t_tokens = np.asarray(run.array("targets", "tokens")[ids])
+    t_probs = np.asarray(run.array("targets", "probs")[ids], np.float64)
+    batch = config(memory_run).batch_size
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_bf16 = torch.cat([memory(keys[i : i + batch]).float() for i in range(0, len(ids), batch)])
+    with torch.no_grad():
+        logits_fp32 = memory(keys).double().numpy()
+    kl_bf16 = dense_kl(logits_bf16.double().numpy(), t_tokens, t_probs)
+    assert kl_bf16 == pytest.approx(manifest.valid["kl"], abs=1e-4)
+    assert dense_kl(logits_fp32, t_tokens, t_probs) == pytest.approx(manifest.valid["kl"], rel=2**-8)
 
 
 def test_offline_and_online_keys_and_loss_agree(memory_run):
@@ -399,7 +427,7 @@ def final_valid_kl(run_dir, keys: np.ndarray) -> float:
 @pytest.mark.parametrize("choice", [{"key_depth": 0.5}, {"key_layer": "transformer.h.0.ln_2"}])
 def test_online_memory_reads_its_own_key_layer(memory_run, choice):
     """--key-depth 0.5 of a 2-block LM is block 0's feed-forward input: the memory trains on the LM's keys there."""
-    manifest = train_memory(config(memory_run, mode="online", epochs=0.5, dtype="float32", **choice))
+    manifest = train_memory(config(memory_run, mode="online", epochs=0.5, **choice))
     memory = load_memory(memory_run)
     assert manifest.key_layer == memory.config.key_layer == "transformer.h.0.ln_2"
     assert RunDir(memory_run).read("datastore").key_layer == KEY_LAYER  # the targets still come from the last block
@@ -430,7 +458,7 @@ def test_offline_memory_at_another_layer_is_refused(memory_run):
 
 def test_online_memory_at_the_lm_head(memory_run):
     """--key-layer lm_head: the forward core runs the full model, keys are the logits (width = vocab size)."""
-    manifest = train_memory(config(memory_run, mode="online", key_layer="lm_head", epochs=0.5, dtype="float32"))
+    manifest = train_memory(config(memory_run, mode="online", key_layer="lm_head", epochs=0.5))
     memory = load_memory(memory_run)
     assert manifest.key_layer == memory.config.key_layer == "lm_head"
     assert memory.config.input_dim == 96 and not manifest.head_from_lm  # head [96, 96] vs the LM's [96, 32]
