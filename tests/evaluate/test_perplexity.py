@@ -30,6 +30,8 @@ from gen_inputs import (  # noqa: F401
     write_memory,
 )
 
+pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
+
 
 def tokens(n, seed=0):
     return np.random.default_rng(seed).integers(0, 96, n).astype(np.uint16)
@@ -69,8 +71,8 @@ def test_overlapping_windows_match_per_position_recomputation_with_keys_of_two_l
     np.testing.assert_array_equal(scored.gold, toks[1:])
     assert set(scored.keys) == {MEMORY_LAYER, KNN_LAYER}
     for layer, reference in keys.items():
-        assert scored.keys[layer].dtype == np.float16
-        np.testing.assert_allclose(scored.keys[layer].astype(np.float32), np.stack(reference), rtol=2e-3, atol=2e-3)
+        assert scored.keys[layer].dtype == np.float32  # compared in float32: the hook's own output
+        np.testing.assert_allclose(scored.keys[layer], np.stack(reference), rtol=1e-5, atol=1e-5)
     assert not np.allclose(scored.keys[MEMORY_LAYER], scored.keys[KNN_LAYER])
 
 
@@ -89,7 +91,7 @@ def test_evaluate_stage_records_results_for_the_base_lm(tiny_run):
 
 def memory_row_reference(run, manifest, split, dequantise=False):
     """The memory row's perplexity recomputed with one plain forward per window, the memory's key (block 0) from a
-    hook written here (rounded to fp16, as evaluate keeps keys), the mixture formed in probability space.
+    hook written here (float32, as the LM computes them), the mixture formed in probability space.
     ``dequantise``: every Linear weight replaced by its int8 codes times their row's scale, in float32."""
     from transformers import AutoModelForCausalLM
 
@@ -110,7 +112,7 @@ def memory_row_reference(run, manifest, split, dequantise=False):
     with torch.no_grad():
         for w in sliding_windows(len(toks), manifest.context, manifest.stride):
             p_lm = torch.softmax(lm(torch.from_numpy(toks[w.begin : w.end])[None]).logits[0].double(), -1)  # [L, V]
-            p_mem = torch.softmax(memory(captured["key"][0].half().float()).double(), -1)
+            p_mem = torch.softmax(memory(captured["key"][0]).double(), -1)
             for pos in range(w.first_scored, w.end - 1):
                 i, gold = pos - w.begin, toks[pos + 1]
                 nll.append(-math.log((1 - lmbda) * p_lm[i, gold] + lmbda * p_mem[i, gold]))
@@ -118,7 +120,7 @@ def memory_row_reference(run, manifest, split, dequantise=False):
 
 
 def knn_row_reference(run, manifest, split, k):
-    """kNN-LM's perplexity with brute-force neighbours of block 1's keys (fp16, as stored) over the datastore."""
+    """kNN-LM's perplexity with brute-force neighbours of block 1's float32 keys over the stored fp16 datastore."""
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(run / "train-lm" / "model").eval()
@@ -132,7 +134,7 @@ def knn_row_reference(run, manifest, split, k):
     with torch.no_grad():
         for w in sliding_windows(len(toks), manifest.context, manifest.stride):
             p_lm = torch.softmax(lm(torch.from_numpy(toks[w.begin : w.end])[None]).logits[0].double(), -1)
-            queries = captured["key"][0].half().float().numpy()
+            queries = captured["key"][0].numpy()
             for pos in range(w.first_scored, w.end - 1):
                 i, gold = pos - w.begin, toks[pos + 1]
                 d = ((stored - queries[i]) ** 2).sum(1)
@@ -158,6 +160,30 @@ def test_memory_and_knn_rows_read_their_own_layers_and_match_independent_referen
         assert getattr(manifest.system("knn-lm"), f"{split}_ppl") == pytest.approx(
             knn_row_reference(generation_run, manifest, split, k=16), rel=1e-4
         )
+
+
+def test_the_exported_model_reproduces_the_published_memory_row(generation_run, tmp_path):
+    """One numeric path: the evaluate stage's memory row is the exported HF model's own loss over the same sliding
+    windows (float32 keys on both sides), to 1e-4."""
+    from transformers import AutoModelForCausalLM
+
+    manifest = evaluate(evaluate_config(generation_run).model_copy(update={"knn": False}))
+    row = manifest.system("mlp-memory")
+    out = tmp_path / "exported"
+    assert main(["export", "--run-dir", str(generation_run), "--out", str(out), "--lmbda", str(row.lmbda)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    for split in ("valid", "test"):
+        toks = np.asarray(RunDir(generation_run).array("prepare", split), dtype=np.int64)
+        nll, n = 0.0, 0
+        for w in sliding_windows(len(toks), manifest.context, manifest.stride):
+            ids = torch.from_numpy(toks[w.begin : w.end])[None]
+            labels = ids.clone()
+            labels[0, : w.first_scored - w.begin + 1] = -100  # HF shifts: label j is scored by position j - 1
+            with torch.no_grad():
+                loss = model(input_ids=ids, labels=labels).loss.item()
+            nll += loss * w.n_scored
+            n += w.n_scored
+        assert math.exp(nll / n) == pytest.approx(getattr(row, f"{split}_ppl"), rel=1e-4)
 
 
 def test_an_int8_memory_is_scored_with_its_dequantised_weights(generation_run):

@@ -23,7 +23,10 @@ from mlpmem.progress import progress
 
 @dataclass
 class ScoredSplit:
-    """One split scored by the LM: gold tokens [N], log p_LM(gold) [N] float32, keys per layer [N, d] float16."""
+    """One split scored by the LM: gold tokens [N], log p_LM(gold) [N] float32, keys per layer [N, d] float32.
+
+    Keys stay float32, as the LM computes them and as ``generate``, the exported model and lm-eval feed them to the
+    memory and the kNN search: one numeric path, so a published row is what the exported model reproduces."""
 
     gold: np.ndarray
     lm_log_prob: np.ndarray
@@ -59,7 +62,7 @@ def score_tokens(
             lm_log_prob[pos : pos + m] = out.log_probs.cpu().numpy()
             for layer, k in out.keys.items():  # [m, d]
                 if layer not in keys:
-                    keys[layer] = np.empty((n, k.shape[-1]), dtype=np.float16)
+                    keys[layer] = np.empty((n, k.shape[-1]), dtype=np.float32)
                 keys[layer][pos : pos + m] = k.float().cpu().numpy()
             pos += m
             bar.update(m)
