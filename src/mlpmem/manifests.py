@@ -47,6 +47,7 @@ class TrainLMManifest(Manifest):
 
     config: TrainLMConfig
     model_fingerprint: str | None = None
+    base_revision: str | None = None  # the commit hash of the hub model continued (--model HF id), when known
     parameters: int | None = None
     steps: int | None = None
     train_tokens: int | None = None

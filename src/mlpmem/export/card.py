@@ -38,16 +38,26 @@ def front_matter(prepare: Any, lm: Any, config: ExportConfig) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
+# the from-scratch architectures of ``mlpmem train-lm --arch`` as a reader knows them
+ARCHITECTURE_NAMES = {"gpt2": "GPT-2", "mom": "MoM (Mixture-of-Memories)", "gated-deltanet": "Gated DeltaNet"}
+
+
+def base_model_line(lm: Any) -> str:
+    """What the base LM is, from its train-lm manifest: the hub model continued (with its revision) or the
+    architecture trained from scratch."""
+    if lm.config.model:
+        revision = f" at revision `{lm.base_revision}`" if lm.base_revision else ""
+        return f"`{lm.config.model}`{revision} continued for {_n(lm.steps)} steps"
+    sizes = f"{lm.config.n_layer} layers, width {lm.config.n_embd}, {_n(lm.steps)} steps"
+    return f"{ARCHITECTURE_NAMES[lm.config.arch]} trained from scratch ({sizes})"
+
+
 def model_card(run: RunDir, model: Any, config: ExportConfig, lmbda_source: str, command: str) -> str:
     """README.md for the exported ``model`` (a ``MemoryAugmentedForCausalLM``) of ``run``."""
     prepare, lm, memory = run.require("prepare"), run.require("train-lm"), run.require("train-memory")
     mcfg = model.memory.config
     tokens = ", ".join(f"{split} {prepare.split_tokens(split):,}" for split in prepare.arrays)
-    base = (
-        f"`{lm.config.model}` continued for {_n(lm.steps)} steps"
-        if lm.config.model
-        else f"GPT-2 trained from scratch ({lm.config.n_layer} layers, width {lm.config.n_embd}, {_n(lm.steps)} steps)"
-    )
+    base = base_model_line(lm)
     rows = [
         ("base LM", f"{base}; {_n(lm.parameters)} parameters; fingerprint `{lm.model_fingerprint}`"),
         ("corpus", f"{prepare.source} (`--corpus {prepare.config.corpus}`); {tokens} tokens"),

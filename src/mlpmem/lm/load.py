@@ -80,10 +80,29 @@ def load_error(what: str, name: str, err: Exception, offline: bool) -> UsageErro
     return UsageError(f"cannot load {what} {name!r}: {first}")
 
 
+def hub_revision(name: str) -> str | None:
+    """The commit hash of hub model ``name`` as loading resolves it: the locally cached snapshot of its default
+    branch, else the hub's answer (when reachable); None when neither knows it."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return Path(cached).parent.name  # .../snapshots/<commit hash>/config.json
+    if offline_unless_reachable(name):
+        return None
+    try:
+        return model_info(name).sha
+    except Exception:  # noqa: BLE001 - any hub failure (no such repo, gated, network): the revision is unknown
+        return None
+
+
 def model_fingerprint(name_or_path: str | Path) -> str:
-    """Identity of a model: content hash of a local folder, else the hub id."""
+    """Identity of a model: content hash of a local folder, else the hub id with its resolved commit hash (an id
+    alone would name every future revision of that model)."""
     path = Path(name_or_path).expanduser()
-    return fingerprint_path(path) if path.exists() else fingerprint_obj({"hub_id": str(name_or_path)})
+    if path.exists():
+        return fingerprint_path(path)
+    return fingerprint_obj({"hub_id": str(name_or_path), "revision": hub_revision(str(name_or_path))})
 
 
 def load_lm(name_or_path: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:

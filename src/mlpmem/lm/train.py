@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from mlpmem.data.prepare import vocab_fingerprint
 from mlpmem.data.tokens import open_split, tokenizer_dir
 from mlpmem.devices import resolve_device, resolve_dtype
 from mlpmem.errors import UsageError
-from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, model_fingerprint
+from mlpmem.lm.load import hub_revision, load_lm, load_tokenizer, max_positions, model_fingerprint
 from mlpmem.manifests import PrepareManifest, TrainLMManifest
 from mlpmem.progress import progress
 from mlpmem.training import (
@@ -188,6 +189,7 @@ def train_lm(config: TrainLMConfig) -> TrainLMManifest:
     history = build.manifest.history
     return build.complete(
         model_fingerprint=model_fingerprint(build.dir / "model"),
+        base_revision=hub_revision(config.model) if config.model and not Path(config.model).exists() else None,
         parameters=sum(p.numel() for p in final.parameters()),
         steps=config.max_steps,
         train_tokens=config.max_steps
