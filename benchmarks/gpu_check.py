@@ -163,7 +163,7 @@ def provenance() -> dict:
     try:
         from mlpmem.artifacts import git_commit
 
-        info["git_commit"] = git_commit() or info["git_commit"]
+        info["git_commit"] = info["git_commit"] or git_commit()  # GIT_COMMIT names what was sent
     except Exception:
         pass
     return info

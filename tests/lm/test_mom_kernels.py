@@ -57,9 +57,16 @@ def test_cpu_takes_the_plain_rule_and_never_loads_the_library():
 @needs_gpu
 @pytest.mark.parametrize("chunk_size", [16, 64])
 def test_chunk_kernel_equals_plain_chunked_values_and_gradients(chunk_size):
+    with torch.no_grad():  # the forward kernel runs on every GPU
+        o, s = kernels.gated_delta_rule(*cuda_inputs(), recurrent=False, chunk_size=chunk_size)
+        o_ref, s_ref = rule.chunked(*cuda_inputs(), chunk_size=chunk_size)
+        assert close(o, o_ref) and close(s, s_ref)
     inputs = [x.requires_grad_() for x in cuda_inputs()]
     o_ref, s_ref = rule.chunked(*inputs, chunk_size=chunk_size)
     o, s = kernels.gated_delta_rule(*inputs, recurrent=False, chunk_size=chunk_size)
+    if kernels.fla_backward_refused():  # Hopper with Triton < 3.7.1: training falls back to the plain rule
+        assert torch.equal(o, o_ref) and torch.equal(s, s_ref)
+        pytest.skip("flash-linear-attention refuses its gated backward here (Triton < 3.7.1 on Hopper, fla #640)")
     assert close(o, o_ref) and close(s, s_ref)
     weight = torch.randn_like(o_ref)
     grads_ref = torch.autograd.grad((o_ref * weight).sum() + s_ref.sum(), inputs)

@@ -13,11 +13,14 @@ that needs gradients runs the chunk kernel (the same computation).
 from __future__ import annotations
 
 import importlib.util
+import logging
 from functools import cache
 
 import torch
 
 from mlpmem.lm.mom import rule
+
+log = logging.getLogger(__name__)
 
 FLA_CHUNK_SIZES = (16, 32, 64)
 
@@ -30,6 +33,27 @@ def fla_installed() -> bool:
 def use_fla(x: torch.Tensor) -> bool:
     """True when the library's kernels can take ``x``: a CUDA tensor, not float64, and the library installed."""
     return x.is_cuda and x.dtype != torch.float64 and fla_installed()
+
+
+@cache
+def fla_backward_refused() -> bool:
+    """True where the library refuses its own gated chunk backward: Hopper GPUs with Triton >= 3.4.0 and < 3.7.1
+    and no tilelang (fla issue #640: that Triton computes it wrongly there; fla raises in the backward pass).
+    Training there takes the plain rule; inference keeps the kernels."""
+    from fla import utils
+
+    broken = utils.IS_NVIDIA_HOPPER and utils.TRITON_ABOVE_3_4_0 and not utils.TRITON_ABOVE_3_7_1
+    if broken and importlib.util.find_spec("tilelang") is None:
+        log.warning(
+            "flash-linear-attention refuses its gated backward kernel on this GPU with Triton < 3.7.1 (fla #640): "
+            "training uses the plain PyTorch rule (upgrade Triton to >= 3.7.1 or install tilelang for the kernels)"
+        )
+        return True
+    return False
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
 def gated_delta_rule(
@@ -47,7 +71,8 @@ def gated_delta_rule(
     and they can run. q, k: [B, T, H, dk]; v: [B, T, H, dv]; log_a, beta: [B, T, H]; state [B, H, dk, dv] | None.
     Returns (o [B, T, H, dv], final state [B, H, dk, dv] float32)."""
     if kernel == "auto" and use_fla(v) and (recurrent or chunk_size in FLA_CHUNK_SIZES):
-        return _fla(q, k, v, log_a, beta, state, recurrent, chunk_size)
+        if not (needs_grad(q, k, v, log_a, beta, state) and fla_backward_refused()):
+            return _fla(q, k, v, log_a, beta, state, recurrent, chunk_size)
     if recurrent:
         return rule.recurrent(q, k, v, log_a, beta, state)
     return rule.chunked(q, k, v, log_a, beta, state, chunk_size)
@@ -60,8 +85,8 @@ def _fla(q, k, v, log_a, beta, state, recurrent: bool, chunk_size: int) -> tuple
     log_a, beta = log_a.float().contiguous(), beta.to(v.dtype).contiguous()
     state = state.float().contiguous() if state is not None else None
     common = dict(scale=1.0, initial_state=state, output_final_state=True)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, beta, state))
-    if recurrent and not needs_grad:  # the fused recurrent kernel has no backward: training takes the chunk one
+    # the fused recurrent kernel has no backward: training takes the chunk one
+    if recurrent and not needs_grad(q, k, v, beta, state):
         o, final = fused_recurrent_gated_delta_rule(q, k, v, g=log_a, beta=beta, **common)
     else:
         size = chunk_size if chunk_size in FLA_CHUNK_SIZES else 64
