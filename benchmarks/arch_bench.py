@@ -132,8 +132,8 @@ def cache_bytes(cache: Any) -> int:
 
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """One (arch, memory, context) in this process: cache bytes after the prompt, decode ms/token, RSS."""
-    from mlpmem.bench.timing import decode_step_seconds
     from mlpmem.hf_cache import cache_of
+    from mlpmem.measure import decode_step_seconds
 
     torch.set_num_threads(job["threads"])
     ctx, new = job["context"], job["new_tokens"]

@@ -9,8 +9,8 @@ import pytest
 
 from mlpmem.bench.report import format_table, ms_text
 from mlpmem.bench.synthetic import build_synthetic_index, cached_synthetic_index, datastore_bytes, ivfpq_geometry
-from mlpmem.bench.timing import Spread, added_ms
 from mlpmem.cli import main
+from mlpmem.measure import Spread, added_ms
 
 from gen_inputs import KNN_LAYER, MEMORY_LAYER, generation_run, generation_run_template  # noqa: F401
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from mlpmem.bench.timing import Spread, interleaved_decode_ms
 from mlpmem.inference.generation import MemoryAugmentedLM
+from mlpmem.measure import Spread, interleaved_decode_ms
 
 
 def with_positions(lm: PreTrainedModel, positions: int, extra_layers: int = 0) -> PreTrainedModel:

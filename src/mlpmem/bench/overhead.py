@@ -16,9 +16,9 @@ import torch
 from transformers import PreTrainedModel
 
 from mlpmem.bench.memory_speed import ConstantMemory
-from mlpmem.bench.timing import Spread, added_ms
 from mlpmem.inference.generation import MemoryAugmentedLM
 from mlpmem.inference.joint import MemoryAugmentedForCausalLM
+from mlpmem.measure import Spread, added_ms
 
 
 class MixTimer(MemoryAugmentedForCausalLM):

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mlpmem.measure import human_bytes, human_count
+
 
 def output_dir(config: Any) -> Path:
     """Where bench.json and bench.png go: ``--out-dir``, else RUN_DIR/bench."""
@@ -21,25 +23,6 @@ def write_json_report(path: Path, settings: dict[str, Any], results: list[dict])
     atomic_write_json(path, report)
     print(f"wrote {path}")
     return report
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def human_count(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for value, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= value:
-            return f"{n / value:g}{suffix}"
-    return str(n)
 
 
 def format_table(results: list[dict], base_ms: float, base_tps: float) -> str:

@@ -46,7 +46,6 @@ from mlpmem.bench.memory_speed import parameter_bytes, time_variants
 from mlpmem.bench.overhead import free_memory_lm, mixing_overhead
 from mlpmem.bench.report import output_dir, plot
 from mlpmem.bench.synthetic import cached_synthetic_index, datastore_bytes
-from mlpmem.bench.timing import NOISY, Spread, added_ms, interleaved_decode_ms, interleaved_scoring_tokens_per_s
 from mlpmem.config import BenchConfig
 from mlpmem.devices import resolve_device
 from mlpmem.errors import UsageError
@@ -54,6 +53,7 @@ from mlpmem.inference.generation import MemoryAugmentedLM
 from mlpmem.knn.retriever import KnnRetriever
 from mlpmem.lm.keys import key_dim, key_module_path
 from mlpmem.lm.load import load_lm, max_positions, run_lm_dir
+from mlpmem.measure import NOISY, Spread, added_ms, interleaved_decode_ms, interleaved_scoring_tokens_per_s
 from mlpmem.memory.quantize import quantize_memory
 
 log = logging.getLogger(__name__)

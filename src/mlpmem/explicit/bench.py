@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from mlpmem.artifacts import RunDir
-from mlpmem.bench.timing import interleaved_decode_ms
 from mlpmem.explicit.model import ExplicitMemory
 from mlpmem.explicit.scoring import ExplicitReader
+from mlpmem.measure import interleaved_decode_ms
 
 
 def retrieval_ms(reader: ExplicitReader, tokens: np.ndarray, queries: int, seed: int) -> float:
@@ -76,7 +76,7 @@ def measure_explicit(run: RunDir, prompt: torch.Tensor, config: Any, device: tor
 
 def explicit_lines(section: dict[str, Any]) -> list[str]:
     """The bench report's lines for the explicit memory."""
-    from mlpmem.bench.report import human_bytes
+    from mlpmem.measure import human_bytes
 
     ms = section["decode_ms"]
     return [

@@ -1,5 +1,6 @@
-"""Timers: per-token decode latency inside transformers' generate (with its spread over rounds), and batched
-scoring throughput."""
+"""What benchmarks measure and how they print it: per-token decode latency inside transformers' generate (with its
+spread over rounds), batched scoring throughput, and byte and entry counts for people. Used by ``mlpmem bench``
+and by the system packages' own benchmarks."""
 
 from __future__ import annotations
 
@@ -106,3 +107,22 @@ def interleaved_scoring_tokens_per_s(
             if round_:
                 seconds[name].append(time.perf_counter() - t0)
     return {name: batch.numel() / float(np.median(s)) for name, s in seconds.items()}
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def human_count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for value, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= value:
+            return f"{n / value:g}{suffix}"
+    return str(n)
