@@ -24,6 +24,7 @@ from mlpmem.config import (
     TrainLMConfig,
     TrainMemoryConfig,
 )
+from mlpmem.memory_system import SystemName
 
 
 class PrepareManifest(Manifest):
@@ -156,7 +157,7 @@ class SystemResult(BaseModel):
     """One row of the results table: perplexities and the mixing weights / temperature tuned for it."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: SystemName
     valid_ppl: float | None = None
     test_ppl: float | None = None
     lmbda: float | None = None  # total weight of what is mixed into the LM
@@ -179,7 +180,7 @@ class EvaluateManifest(Manifest):
     lambda_curves: dict[str, dict[str, float]] = Field(default_factory=dict)
     memory_mass: float | None = None  # explicit memory: mean attention probability on memory tokens (memory layers)
 
-    def system(self, name: str) -> SystemResult | None:
+    def system(self, name: SystemName) -> SystemResult | None:
         return next((s for s in self.systems if s.name == name), None)
 
     def summary(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from mlpmem.evaluate.tune import (
     tune_pair,
 )
 from mlpmem.manifests import EvaluateManifest
+from mlpmem.memory_system import SystemName
 
 pytestmark = pytest.mark.numeric  # compares numbers: `make test-cpus` runs it under every CPU cap
 
@@ -101,8 +102,16 @@ def test_tune_pair_respects_the_sum_below_one_and_beats_the_lm_alone():
 def test_summarise_tunes_on_valid_and_applies_to_test():
     # valid favours λ = 1 (after extending the grid) for the memory and T = 2 for kNN; test would favour others
     parts = {
-        "valid": {"lm": logs(0.2), "mem": logs(0.6), "knn": np.stack([logs(0.1), logs(0.8)], axis=1)},
-        "test": {"lm": logs(0.5), "mem": logs(0.1), "knn": np.stack([logs(0.9), logs(0.3)], axis=1)},
+        "valid": {
+            SystemName.BASE: logs(0.2),
+            SystemName.MLP_MEMORY: logs(0.6),
+            SystemName.KNN_LM: np.stack([logs(0.1), logs(0.8)], axis=1),
+        },
+        "test": {
+            SystemName.BASE: logs(0.5),
+            SystemName.MLP_MEMORY: logs(0.1),
+            SystemName.KNN_LM: np.stack([logs(0.9), logs(0.3)], axis=1),
+        },
     }
     config = EvaluateConfig(knn_temperatures=[1.0, 2.0], lmbdas=[0.25, 0.5])
     systems, tuned_on, curves = summarise(parts, config)
@@ -126,7 +135,7 @@ def test_summarise_tunes_on_valid_and_applies_to_test():
 
 
 def test_tuning_on_test_is_refused_unless_asked_and_then_marked():
-    only_test = {"test": {"lm": logs(0.5), "mem": logs(0.25)}}
+    only_test = {"test": {SystemName.BASE: logs(0.5), SystemName.MLP_MEMORY: logs(0.25)}}
     with pytest.raises(UsageError, match="tuned on valid, which is not scored.*--tune-on test") as err:
         summarise(only_test, EvaluateConfig(lmbdas=[0.5]))
     assert err.value.field == "tune_on"
@@ -142,7 +151,9 @@ def test_tuning_on_test_is_refused_unless_asked_and_then_marked():
     )
     text = format_results(manifest)
     assert "λ and T tuned on test" in text and "test PPL is NOT held out" in text and "^" in text
-    base_only, tuned_on, _ = summarise({"test": {"lm": logs(0.5)}}, EvaluateConfig())  # nothing to tune: scored
+    base_only, tuned_on, _ = summarise(
+        {"test": {SystemName.BASE: logs(0.5)}}, EvaluateConfig()
+    )  # nothing to tune: scored
     assert tuned_on is None and base_only[0].test_ppl == pytest.approx(2.0)
     with pytest.raises(UsageError, match="base's test perplexity is inf"):
-        summarise({"test": {"lm": np.array([-np.inf, 0.0])}}, EvaluateConfig())
+        summarise({"test": {SystemName.BASE: np.array([-np.inf, 0.0])}}, EvaluateConfig())

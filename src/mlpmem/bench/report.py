@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mlpmem.measure import human_bytes, human_count
+from mlpmem.systems import SYSTEMS
 
 
 def output_dir(config: Any) -> Path:
@@ -150,9 +151,8 @@ def print_report(report: dict, config: Any) -> None:
     base = next(r for r in report["results"] if r["system"] == "base")
     print(format_table(report["results"], base["ms_per_token"], base["tokens_per_s"]))
     print(summary_lines(report))
-    if "explicit" in report:
-        from mlpmem.explicit.bench import explicit_lines
-
-        print("\n".join(explicit_lines(report["explicit"])))
+    for system in SYSTEMS:
+        if system.name in report:
+            print("\n".join(system.bench_lines(report[system.name])))
     out = output_dir(config)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")

@@ -55,6 +55,7 @@ from mlpmem.lm.keys import key_dim, key_module_path
 from mlpmem.lm.load import load_lm, max_positions, run_lm_dir
 from mlpmem.measure import NOISY, Spread, added_ms, interleaved_decode_ms, interleaved_scoring_tokens_per_s
 from mlpmem.memory.quantize import quantize_memory
+from mlpmem.systems import SYSTEMS
 
 log = logging.getLogger(__name__)
 
@@ -523,10 +524,9 @@ def bench(config: BenchConfig) -> dict[str, Any]:
         "seconds": round(time.time() - started, 1),
         "provenance": Environment.current().model_dump(),
     }
-    if s.run.complete("train-explicit") is not None:
-        from mlpmem.explicit.bench import measure_explicit
-
-        report["explicit"] = measure_explicit(s.run, s.prompt, config, s.device)
+    for system in SYSTEMS:  # a registered system the run has: its own section
+        if (section := system.bench(s.run, s.prompt, config, s.device)) is not None:
+            report[system.name] = section
     atomic_write_json(out_dir / "bench.json", report)
     plot(report["results"], fixed.bytes["mlp-memory"], out_dir / "bench.png")
     return report

@@ -48,6 +48,8 @@ from mlpmem.evaluate.tune import (
 from mlpmem.lm.keys import key_dim, key_module_path
 from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, model_fingerprint, require_model, run_lm_dir
 from mlpmem.manifests import EvaluateManifest, SystemResult
+from mlpmem.memory_system import MemorySystem, ResultRow, SystemEvaluation, SystemName
+from mlpmem.systems import SYSTEMS, component_labels
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "lambda.png"
@@ -78,7 +80,7 @@ class Plan:
     memory_layer: str | None = None
     knn: object | None = None
     knn_layer: str | None = None
-    explicit: object | None = None  # an ExplicitReader
+    systems: list[SystemEvaluation] = field(default_factory=list)  # the registered systems taking part
     overlap: str | None = None  # an evaluated split the datastore (and the memory) were built from
     inputs: dict[str, str] = field(default_factory=dict)
 
@@ -168,7 +170,7 @@ class Survey:
     use_memory: bool
     overlap: str | None
     inputs: dict[str, str]
-    use_explicit: bool = False
+    systems: list[MemorySystem] = field(default_factory=list)  # the registered systems the run has
 
 
 def survey_evaluation(config: EvaluateConfig, run: RunDir) -> Survey:
@@ -180,7 +182,8 @@ def survey_evaluation(config: EvaluateConfig, run: RunDir) -> Survey:
     datastore = optional_stage(run, "datastore") if config.knn and on_run else None
     index = optional_stage(run, "index") if datastore is not None else None
     memory = optional_stage(run, "train-memory") if config.memory and on_run else None
-    explicit = optional_stage(run, "train-explicit") if config.explicit and on_run and config.model is None else None
+    systems = {system: system.evaluation_inputs(config, run) for system in SYSTEMS}
+    systems = {system: inputs for system, inputs in systems.items() if inputs is not None}
     use_knn, use_memory = index is not None, memory is not None
     tuning_split(config, config.splits, tunes=use_knn or use_memory)
     overlap = check_overlap(config, run) if use_knn or use_memory else None
@@ -192,9 +195,9 @@ def survey_evaluation(config: EvaluateConfig, run: RunDir) -> Survey:
 
         check_datastore(datastore, sources.model_fp, config.k)
         inputs.update(datastore=datastore.fingerprint, index=index.fingerprint)
-    if explicit is not None:
-        inputs["train-explicit"] = explicit.fingerprint
-    return Survey(sources, use_knn, use_memory, overlap, inputs, explicit is not None)
+    for system_inputs in systems.values():
+        inputs.update(system_inputs)
+    return Survey(sources, use_knn, use_memory, overlap, inputs, list(systems))
 
 
 def plan_evaluation(config: EvaluateConfig, run: RunDir, survey: Survey, device=None) -> Plan:
@@ -207,10 +210,7 @@ def plan_evaluation(config: EvaluateConfig, run: RunDir, survey: Survey, device=
         plan_memory(plan, run, device, config)
     if survey.use_knn:
         plan_knn(plan, run, config)
-    if survey.use_explicit:
-        from mlpmem.explicit.scoring import ExplicitReader
-
-        plan.explicit = ExplicitReader.open(run, config.explicit_k, device)
+    plan.systems = [system.open_evaluation(config, run, device) for system in survey.systems]
     return plan
 
 
@@ -249,7 +249,8 @@ def tuning_split(config: EvaluateConfig, splits: list[str], tunes: bool) -> str 
 def score_split(
     plan: Plan, tokens: np.ndarray, config: EvaluateConfig, split: str, state=None
 ) -> dict[str, np.ndarray] | None:
-    """log p(gold) per scored position of one split: ``lm`` [N], ``mem`` [N], ``knn`` [N, len(T grid)].
+    """log p(gold) per scored position of one split: ``base`` [N], ``mlp-memory`` [N], ``knn-lm`` [N, len(T grid)],
+    and each registered system's components [N].
 
     Under a launch of several processes each scores its block of windows and the main process gets them all, in
     order (the other ranks get None)."""
@@ -258,40 +259,40 @@ def score_split(
     scored = score_tokens(
         plan.lm, tokens, plan.context, plan.stride, config.batch_size, plan.key_layers, f"evaluate {split}", share
     )
-    parts = {"lm": scored.lm_log_prob}
+    parts = {SystemName.BASE: scored.lm_log_prob}
     if plan.memory is not None:
-        parts["mem"] = memory_log_prob(plan.memory, scored.keys[plan.memory_layer], scored.gold)
+        parts[SystemName.MLP_MEMORY] = memory_log_prob(plan.memory, scored.keys[plan.memory_layer], scored.gold)
     if plan.knn is not None:
-        parts["knn"] = knn_log_prob(plan.knn, scored.keys[plan.knn_layer], scored.gold, config.knn_temperatures)
+        parts[SystemName.KNN_LM] = knn_log_prob(
+            plan.knn, scored.keys[plan.knn_layer], scored.gold, config.knn_temperatures
+        )
     if share[1] > 1:
         shares = gather_to_main(parts, state)
         if shares is None:
             return None
         parts = {name: np.concatenate([p[name] for p in shares]) for name in parts}
-    if plan.explicit is not None:  # the explicit-memory rows: the whole split, on the main process
-        parts.update(explicit_parts(plan, tokens, config, split))
+    for system in plan.systems:  # the registered systems' rows: the whole split, on the main process
+        parts.update(system_parts(system, plan, tokens, config, split))
     check_scores(parts, split)
     return parts
 
 
-def explicit_parts(plan: Plan, tokens: np.ndarray, config: EvaluateConfig, split: str) -> dict[str, np.ndarray]:
-    """log p(gold) [N] of the explicit-memory LM (``explicit``) and of its no-memory control (``control``)."""
-    from mlpmem.explicit.scoring import explicit_log_probs
-
-    reader = plan.explicit
-    parts = {"explicit": explicit_log_probs(reader, tokens, plan.context, plan.stride, f"explicit {split}")}
-    if reader.control is not None:
-        control = score_tokens(reader.control, tokens, plan.context, plan.stride, config.batch_size, desc="control")
-        parts["control"] = control.lm_log_prob
+def system_parts(
+    system: SystemEvaluation, plan: Plan, tokens: np.ndarray, config: EvaluateConfig, split: str
+) -> dict[SystemName, np.ndarray]:
+    """log p(gold) [N] of a registered system's components: its own scoring, then its plain LMs through the
+    shared sliding-window core."""
+    parts = system.score(tokens, plan.context, plan.stride, split)
+    for name, lm in system.plain_lms.items():
+        parts[name] = score_tokens(lm, tokens, plan.context, plan.stride, config.batch_size, desc=name).lm_log_prob
     return parts
 
 
 COMPONENT_NAMES = {
-    "lm": "the LM",
-    "mem": "the memory",
-    "knn": "kNN-LM",
-    "explicit": "the explicit-memory LM",
-    "control": "the explicit-memory control",
+    SystemName.BASE: "the LM",
+    SystemName.MLP_MEMORY: "the memory",
+    SystemName.KNN_LM: "kNN-LM",
+    **component_labels(),
 }
 
 
@@ -300,7 +301,7 @@ def check_scores(parts: dict[str, np.ndarray], split: str) -> None:
     for name, values in parts.items():
         bad = (
             int(np.isnan(values).sum())
-            if name not in ("lm", "explicit", "control")
+            if name in (SystemName.MLP_MEMORY, SystemName.KNN_LM)
             else int((~np.isfinite(values)).sum())
         )
         if bad:
@@ -320,44 +321,49 @@ def split_ppls(parts: Parts, components: list[str], weights: list[float]) -> dic
 
 
 def base_system(parts: Parts) -> SystemResult:
-    return SystemResult(name="base", **{f"{split}_ppl": perplexity(p["lm"]) for split, p in parts.items()})
+    return SystemResult(
+        name=SystemName.BASE, **{f"{split}_ppl": perplexity(p[SystemName.BASE]) for split, p in parts.items()}
+    )
 
 
 def knn_system(parts: Parts, tuned_on: str, config: EvaluateConfig) -> tuple[SystemResult, Parts, dict[float, float]]:
-    """kNN-LM with (T, λ) tuned on ``tuned_on``; the parts with the tuned T's column as ``knn``; its λ curve."""
+    """kNN-LM with (T, λ) tuned on ``tuned_on``; the parts with the tuned T's column as ``knn-lm``; its λ curve."""
     tune = parts[tuned_on]
-    t, lmbda, curve = tune_knn(tune["lm"], tune["knn"], config.knn_temperatures, config.lmbdas)
-    chosen = {split: {**p, "knn": p["knn"][:, t]} for split, p in parts.items()}
+    t, lmbda, curve = tune_knn(tune[SystemName.BASE], tune[SystemName.KNN_LM], config.knn_temperatures, config.lmbdas)
+    chosen = {split: {**p, SystemName.KNN_LM: p[SystemName.KNN_LM][:, t]} for split, p in parts.items()}
     temperature = config.knn_temperatures[t]
     searched_t = len(set(config.knn_temperatures)) > 1
     flags = (("lambda", on_edge(curve, lmbda)), ("T", searched_t and on_edge(config.knn_temperatures, temperature)))
     edges = [name for name, flagged in flags if flagged]
     row = SystemResult(
-        name="knn-lm",
+        name=SystemName.KNN_LM,
         lmbda=lmbda,
         temperature=temperature,
         edges=edges,
-        **split_ppls(chosen, ["lm", "knn"], [1 - lmbda, lmbda]),
+        **split_ppls(chosen, [SystemName.BASE, SystemName.KNN_LM], [1 - lmbda, lmbda]),
     )
     return row, chosen, curve
 
 
 def memory_system(parts: Parts, tuned_on: str, config: EvaluateConfig) -> tuple[SystemResult, dict[float, float]]:
     tune = parts[tuned_on]
-    lmbda, curve = tune_lambda(tune["lm"], tune["mem"], config.lmbdas)
-    ppls = split_ppls(parts, ["lm", "mem"], [1 - lmbda, lmbda])
-    return SystemResult(name="mlp-memory", lmbda=lmbda, edges=["lambda"] * on_edge(curve, lmbda), **ppls), curve
+    lmbda, curve = tune_lambda(tune[SystemName.BASE], tune[SystemName.MLP_MEMORY], config.lmbdas)
+    ppls = split_ppls(parts, [SystemName.BASE, SystemName.MLP_MEMORY], [1 - lmbda, lmbda])
+    edges = ["lambda"] * on_edge(curve, lmbda)
+    return SystemResult(name=SystemName.MLP_MEMORY, lmbda=lmbda, edges=edges, **ppls), curve
 
 
 def combined_system(parts: Parts, tuned_on: str, config: EvaluateConfig, temperature: float) -> SystemResult:
     """Memory + kNN-LM (at kNN-LM's tuned T) with both weights tuned on ``tuned_on``."""
     tune = parts[tuned_on]
-    (lm_, lk), curve = tune_pair(tune["lm"], tune["mem"], tune["knn"], config.lmbdas)
-    ppls = split_ppls(parts, ["lm", "mem", "knn"], [1 - lm_ - lk, lm_, lk])
+    (lm_, lk), curve = tune_pair(
+        tune[SystemName.BASE], tune[SystemName.MLP_MEMORY], tune[SystemName.KNN_LM], config.lmbdas
+    )
+    ppls = split_ppls(parts, [SystemName.BASE, SystemName.MLP_MEMORY, SystemName.KNN_LM], [1 - lm_ - lk, lm_, lk])
     return SystemResult(
-        name="mlp-memory+knn-lm",
+        name=SystemName.MLP_MEMORY_KNN_LM,
         lmbda=round(lm_ + lk, 6),
-        weights={"mlp-memory": lm_, "knn-lm": lk},
+        weights={SystemName.MLP_MEMORY: lm_, SystemName.KNN_LM: lk},
         temperature=temperature,
         edges=["lambda"] * pair_on_edge((lm_, lk), curve),
         **ppls,
@@ -370,43 +376,41 @@ def summarise(
     """Every system with λ (and T) tuned on ``config.tune_on`` and applied to every split; the split tuned on
     (None when only the base LM was scored); PPL on the tuning split against λ per system."""
     first = next(iter(parts.values()))
-    has_knn, has_mem = "knn" in first, "mem" in first
+    has_knn, has_mem = SystemName.KNN_LM in first, SystemName.MLP_MEMORY in first
     tuned_on = tuning_split(config, list(parts), tunes=has_knn or has_mem)
     systems, curves = [base_system(parts)], {}
     if has_knn:
-        row, parts, curves["knn-lm"] = knn_system(parts, tuned_on, config)
+        row, parts, curves[SystemName.KNN_LM] = knn_system(parts, tuned_on, config)
         systems.append(row)
     if has_mem:
-        row, curves["mlp-memory"] = memory_system(parts, tuned_on, config)
+        row, curves[SystemName.MLP_MEMORY] = memory_system(parts, tuned_on, config)
         systems.append(row)
     if has_knn and has_mem:
         systems.append(combined_system(parts, tuned_on, config, systems[1].temperature))
-    if "explicit" in first:
-        rows, curve = explicit_systems(parts, tuned_on or config.tune_on, config)
+    for system in SYSTEMS:
+        rows, row_curves = result_rows(system.result_rows(set(first), tuned_on), parts, tuned_on, config)
         systems.extend(rows)
-        if curve:
-            curves["explicit-memory+mlp-memory"] = curve
+        curves.update(row_curves)
     check_systems(systems)
     return systems, tuned_on, curves
 
 
-def explicit_systems(
-    parts: Parts, tuned_on: str, config: EvaluateConfig
-) -> tuple[list[SystemResult], dict[float, float]]:
-    """The explicit-memory LM, its control, and (when the run has an MLP memory) the explicit-memory LM mixed with
-    the MLP memory (λ tuned on ``tuned_on``; the memory reads the base LM's keys at the same positions)."""
-    ppl = {name: {f"{s}_ppl": perplexity(p[name]) for s, p in parts.items()} for name in ("explicit", "control")}
-    rows = [SystemResult(name="explicit-memory", **ppl["explicit"])]
-    if "control" in next(iter(parts.values())):
-        rows.append(SystemResult(name="explicit-control", **ppl["control"]))
-    curve: dict[float, float] = {}
-    if "mem" in next(iter(parts.values())) and tuned_on in parts:
+def result_rows(
+    rows: list[ResultRow], parts: Parts, tuned_on: str | None, config: EvaluateConfig
+) -> tuple[list[SystemResult], dict[str, dict[float, float]]]:
+    """A registered system's rows: a component's perplexity, or a component mixed with another (λ tuned on
+    ``tuned_on``, the curve kept under the row's name)."""
+    out, curves = [], {}
+    for row in rows:
+        if row.mixed_with is None:
+            out.append(SystemResult(name=row.name, **{f"{s}_ppl": perplexity(p[row.part]) for s, p in parts.items()}))
+            continue
         tune = parts[tuned_on]
-        lmbda, curve = tune_lambda(tune["explicit"], tune["mem"], config.lmbdas)
-        mixed = split_ppls(parts, ["explicit", "mem"], [1 - lmbda, lmbda])
-        edges = ["lambda"] * on_edge(curve, lmbda)
-        rows.append(SystemResult(name="explicit-memory+mlp-memory", lmbda=lmbda, edges=edges, **mixed))
-    return rows, curve
+        lmbda, curves[row.name] = tune_lambda(tune[row.part], tune[row.mixed_with], config.lmbdas)
+        mixed = split_ppls(parts, [row.part, row.mixed_with], [1 - lmbda, lmbda])
+        edges = ["lambda"] * on_edge(curves[row.name], lmbda)
+        out.append(SystemResult(name=row.name, lmbda=lmbda, edges=edges, **mixed))
+    return out, curves
 
 
 def check_systems(systems: list[SystemResult]) -> None:
@@ -443,13 +447,15 @@ def finish(build, plan: Plan, parts: Parts, config: EvaluateConfig) -> None:
         model=plan.sources.model_path,
         context=plan.context,
         stride=plan.stride,
-        tokens={split: int(len(p["lm"])) for split, p in parts.items()},
+        tokens={split: int(len(p[SystemName.BASE])) for split, p in parts.items()},
         tuned_on=tuned_on,
         overlap=plan.overlap,
         systems=systems,
         lambda_curves={name: {str(x): y for x, y in c.items() if math.isfinite(y)} for name, c in curves.items()},
-        memory_mass=round(float(np.mean(plan.explicit.mass)), 4) if plan.explicit and plan.explicit.mass else None,
+        memory_mass=None,
     )
+    for system in plan.systems:
+        fields.update(system.manifest_fields())
     write_outputs(build.dir, fields, curves, config)
     build.complete(**fields)
 

@@ -29,10 +29,8 @@ def prompt_memory(reader: ExplicitReader, ids: np.ndarray, device) -> ExplicitMe
     return ExplicitMemory.visible_everywhere(reader.store.kv(refs[:, refs[0] >= 0]).to(device))
 
 
-def generate_explicit(config: GenerateConfig, prompts: list[str], kwargs: dict[str, Any]):
-    """Continuations of each prompt (``kwargs``: transformers' generate arguments)."""
-    from mlpmem.inference.generation import Generations
-
+def generate_explicit(config: GenerateConfig, prompts: list[str], kwargs: dict[str, Any]) -> tuple[list[str], str]:
+    """(continuations of each prompt, in order; what generated them) (``kwargs``: transformers' generate arguments)."""
     run = RunDir(config.run_dir)
     device = resolve_device(config.device)
     reader = ExplicitReader.open(run, config.explicit_k, device, control=False)
@@ -50,4 +48,4 @@ def generate_explicit(config: GenerateConfig, prompts: list[str], kwargs: dict[s
         )
         outputs.extend(tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True))
     described = f"explicit memory: {reader.k} references from the prompt's last {reader.store.query_tokens} tokens"
-    return Generations(prompts, outputs, config.num_return_sequences, described, 0.0, 0.0)
+    return outputs, described

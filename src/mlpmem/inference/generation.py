@@ -35,6 +35,8 @@ from mlpmem.inference.joint import MemoryAugmentedForCausalLM
 from mlpmem.knn.retriever import DEFAULT_KNN_TEMPERATURE, KnnRetriever
 from mlpmem.lm.keys import key_module_path
 from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, run_lm_dir
+from mlpmem.memory_system import SystemName
+from mlpmem.systems import SYSTEMS
 
 DEFAULT_KNN_LMBDA = 0.25
 DEFAULT_MAX_NEW_TOKENS = 50
@@ -328,15 +330,15 @@ def tuned_values(run: RunDir, model_fp: str, memory: bool, knn: bool) -> TunedVa
     same_knn = knn and current("datastore") and current("index")
     out = TunedValues()
     mem_row, knn_row, both = (
-        evaluate.system("mlp-memory"),
-        evaluate.system("knn-lm"),
-        evaluate.system("mlp-memory+knn-lm"),
+        evaluate.system(SystemName.MLP_MEMORY),
+        evaluate.system(SystemName.KNN_LM),
+        evaluate.system(SystemName.MLP_MEMORY_KNN_LM),
     )
     if same_knn and knn_row is not None:
         out.knn_temperature = knn_row.temperature
     if memory and knn:
         if same_memory and same_knn and both is not None and both.weights:
-            out.lmbda, out.knn_lmbda = both.weights["mlp-memory"], both.weights["knn-lm"]
+            out.lmbda, out.knn_lmbda = both.weights[SystemName.MLP_MEMORY], both.weights[SystemName.KNN_LM]
         return out
     if same_memory and mem_row is not None:
         out.lmbda = mem_row.lmbda
@@ -386,10 +388,10 @@ def generate_from_config(config: GenerateConfig) -> Generations:
         raise UsageError("give a prompt to continue (a text, or a YAML list of texts)", field="prompt")
     if config.num_return_sequences > config.num_beams and not config.do_sample:
         raise UsageError("must be <= --num-beams without --do-sample", field="num_return_sequences")
-    if config.explicit:
-        from mlpmem.explicit.generation import generate_explicit
-
-        return generate_explicit(config, prompts, generate_kwargs(config))
+    for system in SYSTEMS:
+        if system.generates(config):  # a registered system generates instead of the LM + MLP memory / kNN-LM
+            outputs, described = system.generate(config, prompts, generate_kwargs(config))
+            return Generations(prompts, outputs, config.num_return_sequences, described, 0.0, 0.0)
     mlm = MemoryAugmentedLM.from_run(
         config.run_dir,
         lmbda=config.lmbda,
