@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -247,14 +248,25 @@ class FileRecord(BaseModel):
     sha256: str
 
 
+MANIFESTS: dict[str, type[Manifest]] = {}  # stage name -> its manifest class (each registers itself on definition)
+# where the stage manifests are defined: loaded by name when a stage is first looked up by name, as the stage
+# table loads its entry functions (a static import would make this core module depend on what it serves)
+MANIFEST_MODULE = "mlpmem.manifests"
+
+
 class Manifest(BaseModel):
     """What every stage records; ``mlpmem.manifests`` adds each stage's own typed fields (and its config type).
+
+    A subclass names its stage in ``STAGE`` and is registered under it: ``RunDir`` reads a stage through its
+    manifest class (``run.require(DatastoreManifest)``, or the name of a registered one) and never imports the
+    stage table.
 
     ``fingerprint`` (set at completion, over config, inputs and file hashes) is what downstream stages record
     in their ``inputs``; ``checksum`` covers the manifest itself, so an edited or damaged manifest is refused.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    STAGE: ClassVar[str | None] = None
     stage: str
     status: Literal["running", "complete"] = "running"
     config: Any = None
@@ -274,6 +286,17 @@ class Manifest(BaseModel):
             _plain_name(name)
         return files
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if cls.__dict__.get("STAGE"):
+            MANIFESTS[cls.STAGE] = cls
+
+    @classmethod
+    def config_class(cls) -> Any:
+        """The stage's config class (the type of ``config``)."""
+        return cls.model_fields["config"].annotation
+
     @property
     def complete(self) -> bool:
         return self.status == "complete"
@@ -289,6 +312,22 @@ def checksum(data: dict[str, Any]) -> str:
 
 
 # the run directory ------------------------------------------------------------------------------------------
+def stage_name(stage: str | type[Manifest]) -> str:
+    """The stage a name or a manifest class designates."""
+    return stage.STAGE if isinstance(stage, type) else stage
+
+
+def manifest_class(stage: str | type[Manifest]) -> type[Manifest]:
+    """The manifest class of a stage (UsageError for a name no manifest class registered)."""
+    if isinstance(stage, type):
+        return stage
+    if stage not in MANIFESTS:
+        importlib.import_module(MANIFEST_MODULE)
+    if stage not in MANIFESTS:
+        raise UsageError(f"unknown stage {stage!r} (stages that build a folder: {', '.join(MANIFESTS)})")
+    return MANIFESTS[stage]
+
+
 class RunDir:
     """One run directory: typed access to its stage manifests and arrays, and the builder of new stages."""
 
@@ -305,20 +344,19 @@ class RunDir:
         return self.path / f"{stage}{PARTIAL}"
 
     # reading ------------------------------------------------------------------------------------------------
-    def read(self, stage: str, folder: Path | None = None) -> Manifest | None:
+    def read(self, stage: str | type[Manifest], folder: Path | None = None) -> Manifest | None:
         """The typed manifest of a stage folder (the finished one by default); None when it has none.
 
         UsageError when the manifest is not valid JSON, fails its schema or its checksum (edited or damaged).
         """
-        from mlpmem.stages import stage_spec
-
+        cls, stage = manifest_class(stage), stage_name(stage)
         self.recover(stage)
         path = (folder or self.folder(stage)) / MANIFEST
         if not path.is_file():
             return None
         try:
             data = read_json(path)
-            manifest = stage_spec(stage).manifest.model_validate(data)
+            manifest = cls.model_validate(data)
         except (ValueError, ValidationError) as err:
             first = err.errors()[0] if isinstance(err, ValidationError) else None
             reason = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else "not JSON"
@@ -334,13 +372,13 @@ class RunDir:
             manifest.config = manifest.config.model_copy(update={"run_dir": self.path})
         return manifest
 
-    def complete(self, stage: str) -> Manifest | None:
+    def complete(self, stage: str | type[Manifest]) -> Manifest | None:
         """The stage's complete manifest, None when the stage was never built.
 
         A folder that exists without a complete manifest is an error, not an absent stage: results must not
         silently lose rows because a manifest was deleted.
         """
-        manifest = self.read(stage)
+        manifest, stage = self.read(stage), stage_name(stage)
         if manifest is None and not self.folder(stage).exists():
             return None
         if manifest is None or not manifest.complete:
@@ -351,9 +389,9 @@ class RunDir:
         self.check_files(stage, manifest, hashes="small")
         return manifest
 
-    def require(self, stage: str) -> Manifest:
+    def require(self, stage: str | type[Manifest]) -> Manifest:
         """The complete typed manifest of an upstream stage (files checked), or what to run first."""
-        manifest = self.read(stage)
+        manifest, stage = self.read(stage), stage_name(stage)
         if manifest is None or not manifest.complete:
             raise UsageError(
                 f"{self.folder(stage)} is missing or incomplete; run `mlpmem {stage} --run-dir {self.path}` first"
@@ -384,12 +422,10 @@ class RunDir:
                     )
 
     def check_not_stale(self, stage: str, manifest: Manifest) -> None:
-        """A stage built from an upstream version that has since been rebuilt is refused."""
-        from mlpmem.stages import stage_spec
-
-        for upstream in stage_spec(stage).upstream:
-            recorded = manifest.inputs.get(upstream)
-            if recorded is None:
+        """A stage built from an upstream version that has since been rebuilt is refused (every stage its inputs
+        name)."""
+        for upstream, recorded in manifest.inputs.items():
+            if upstream not in MANIFESTS:  # the fingerprint of a model or tokenizer, not of a stage
                 continue
             current = self.read(upstream)
             if current is None or current.fingerprint != recorded:
@@ -418,11 +454,12 @@ class RunDir:
 
     # building -----------------------------------------------------------------------------------------------
     def _same_identity(self, stage: str, manifest: Manifest | None, config: Any, inputs: dict[str, str]) -> bool:
-        from mlpmem.stages import stage_spec
-
         if manifest is None:
             return False
-        recorded = {"config": stage_spec(stage).config.identity_of(manifest.config), "inputs": manifest.inputs}
+        recorded = {
+            "config": manifest_class(stage).config_class().identity_of(manifest.config),
+            "inputs": manifest.inputs,
+        }
         return fingerprint_obj(recorded) == fingerprint_obj({"config": config.identity(), "inputs": inputs})
 
     def reusable(self, stage: str, config: Any, inputs: dict[str, str]) -> Manifest | None:
@@ -439,9 +476,6 @@ class RunDir:
 
         Nothing in the finished ``STAGE/`` folder is touched: a new version is built in ``STAGE.partial/``.
         """
-        from mlpmem.stages import stage_spec
-
-        spec = stage_spec(stage)
         if (final := self.reusable(stage, config, inputs)) is not None:
             return StageBuild(self, stage, final, self.folder(stage), "complete")
         if self.folder(stage).is_symlink():
@@ -459,7 +493,7 @@ class RunDir:
         shutil.rmtree(partial_dir, ignore_errors=True)
         with disk_errors(partial_dir):
             partial_dir.mkdir(parents=True)
-        manifest = spec.manifest(
+        manifest = manifest_class(stage)(
             stage=stage, config=config.model_copy(), inputs=inputs, environment=Environment.current()
         )
         build = StageBuild(self, stage, manifest, partial_dir, "fresh")

@@ -30,6 +30,7 @@ from mlpmem.memory_system import SystemName
 class PrepareManifest(Manifest):
     """Token stores ``train``/``valid``/``test`` (arrays) and the tokenizer folder."""
 
+    STAGE = "prepare"
     config: PrepareConfig
     source: str | None = None
     vocab_size: int | None = None
@@ -46,6 +47,7 @@ class PrepareManifest(Manifest):
 class TrainLMManifest(Manifest):
     """The base LM in ``model/`` (save_pretrained, with the tokenizer)."""
 
+    STAGE = "train-lm"
     config: TrainLMConfig
     model_fingerprint: str | None = None
     base_revision: str | None = None  # the commit hash of the hub model continued (--model HF id), when known
@@ -63,6 +65,7 @@ class TrainLMManifest(Manifest):
 class DatastoreManifest(Manifest):
     """``keys`` [N, d] (not when streamed) and ``values`` [N] of one split; entry i: position i predicting i + 1."""
 
+    STAGE = "datastore"
     config: DatastoreConfig
     model_fingerprint: str | None = None
     key_layer: str | None = None
@@ -87,6 +90,7 @@ class DatastoreManifest(Manifest):
 class IndexManifest(Manifest):
     """``index.faiss`` over the datastore keys (squared L2)."""
 
+    STAGE = "index"
     config: IndexConfig
     factory: str | None = None
     nlist: int | None = None
@@ -103,6 +107,7 @@ class IndexManifest(Manifest):
 class TargetsManifest(Manifest):
     """Sparse p_kNN per datastore entry: ``tokens``/``probs`` [N, width] and ``gold`` [N]."""
 
+    STAGE = "targets"
     config: TargetsConfig
     nprobe: int | None = None
     self_found: int | None = None
@@ -133,6 +138,7 @@ class TargetsManifest(Manifest):
 class TrainMemoryManifest(Manifest):
     """The MLP memory in ``model/`` (save_pretrained)."""
 
+    STAGE = "train-memory"
     config: TrainMemoryConfig
     key_layer: str | None = None
     train_entries: int | None = None
@@ -169,6 +175,7 @@ class SystemResult(BaseModel):
 class EvaluateManifest(Manifest):
     """Perplexity of every system on one protocol; λ and T tuned on ``tuned_on``; ``results.json``, ``lambda.png``."""
 
+    STAGE = "evaluate"
     config: EvaluateConfig
     model: str | None = None
     context: int | None = None
@@ -192,6 +199,7 @@ class ReferencesManifest(Manifest):
     ids[offsets[r]:offsets[r + 1]]), ``source_start`` [n_refs] (its first token's position in the split it was cut
     from); the retriever's files (``bm25/``, or ``embeddings`` [n_refs, d])."""
 
+    STAGE = "references"
     config: ReferencesConfig
     source: str | None = None  # "split:train" or the corpus
     model_fingerprint: str | None = None  # the LM of the dense retriever's embeddings
@@ -208,6 +216,7 @@ class ReferencesManifest(Manifest):
 class ExplicitMemoriesManifest(Manifest):
     """``memories`` [n_refs, layers, 2, heads, keep, head_dim] float16: the sparse key/values of every reference."""
 
+    STAGE = "explicit-memories"
     config: ExplicitMemoriesConfig
     model_fingerprint: str | None = None
     memory_layers: list[int] = Field(default_factory=list)
@@ -223,6 +232,7 @@ class TrainExplicitManifest(Manifest):
     continued from the warm-up LM for the same steps on the same windows); ``chunk_refs`` [n_chunks] int64: the
     reference each training chunk retrieved (-1: none)."""
 
+    STAGE = "train-explicit"
     config: TrainExplicitConfig
     context: int | None = None
     steps: int | None = None

@@ -18,6 +18,7 @@ import torch
 from mlpmem.artifacts import RunDir
 from mlpmem.explicit.model import ExplicitMemory
 from mlpmem.explicit.scoring import ExplicitReader
+from mlpmem.manifests import ExplicitMemoriesManifest, ReferencesManifest
 from mlpmem.measure import interleaved_decode_ms
 
 
@@ -35,7 +36,7 @@ def retrieval_ms(reader: ExplicitReader, tokens: np.ndarray, queries: int, seed:
 
 def storage(run: RunDir) -> dict[str, int]:
     """Bytes on disk: memories (per reference and in total), reference ids, retriever files."""
-    refs, mem = run.require("references"), run.require("explicit-memories")
+    refs, mem = run.require(ReferencesManifest), run.require(ExplicitMemoriesManifest)
     spec = mem.arrays["memories"]
     id_files = {refs.arrays[name].file for name in ("ids", "offsets", "source_start")}
     return {

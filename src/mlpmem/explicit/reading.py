@@ -22,6 +22,7 @@ import torch
 from mlpmem.artifacts import RunDir
 from mlpmem.explicit.model import ExplicitMemory
 from mlpmem.explicit.retriever import BM25_DIR, BM25Retriever, DenseRetriever, Retriever, queries_before, retrieve
+from mlpmem.manifests import ExplicitMemoriesManifest, ReferencesManifest
 
 
 @dataclass
@@ -38,7 +39,7 @@ class MemoryStore:
     @classmethod
     def open(cls, run: RunDir, lm=None) -> MemoryStore:
         """The run's store; ``lm`` embeds the queries of a dense retriever (the warm-up LM that embedded the refs)."""
-        refs, mem = run.require("references"), run.require("explicit-memories")
+        refs, mem = run.require(ReferencesManifest), run.require(ExplicitMemoriesManifest)
         offsets = np.asarray(run.array("references", "offsets", refs))
         if refs.config.retriever == "bm25":
             retriever: Retriever = BM25Retriever.load(run.file("references", BM25_DIR))

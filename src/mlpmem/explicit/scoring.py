@@ -19,6 +19,7 @@ from mlpmem.artifacts import RunDir
 from mlpmem.data.windows import sliding_windows
 from mlpmem.explicit.model import ExplicitMemoryLM
 from mlpmem.explicit.reading import MemoryStore, reading_memory
+from mlpmem.manifests import TrainExplicitManifest
 from mlpmem.progress import progress
 
 
@@ -36,7 +37,7 @@ class ExplicitReader:
     @classmethod
     def open(cls, run: RunDir, k: int, device: torch.device | str = "cpu", control: bool = True) -> ExplicitReader:
         """The run's trained models (the control too when asked and trained) and its memory store."""
-        manifest = run.require("train-explicit")
+        manifest = run.require(TrainExplicitManifest)
         folder = Path(run.folder("train-explicit"))
         model = ExplicitMemoryLM.from_pretrained(folder / "model").to(device).eval()
         control_model = None

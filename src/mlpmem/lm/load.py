@@ -18,12 +18,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from mlpmem.artifacts import RunDir, fingerprint_obj, fingerprint_path
 from mlpmem.errors import UsageError
+from mlpmem.manifests import TrainLMManifest
 from mlpmem.training import non_finite_parameter
 
 
 def run_lm_dir(run_dir: Path) -> Path:
     """The model folder written by ``mlpmem train-lm`` in a run (its files' sizes and hashes checked)."""
-    RunDir(run_dir).require("train-lm")
+    RunDir(run_dir).require(TrainLMManifest)
     return RunDir(run_dir).file("train-lm", "model")
 
 

@@ -138,10 +138,11 @@ def load_memory(path_or_run_dir: str | Path, device: torch.device | str = "cpu")
     """A trained memory in eval mode from a run directory (files checked against its manifest), its
     ``train-memory`` folder, or any save_pretrained folder."""
     from mlpmem.artifacts import RunDir
+    from mlpmem.manifests import TrainMemoryManifest
 
     path = Path(path_or_run_dir).expanduser()
     if (path / "train-memory").exists():
-        RunDir(path).require("train-memory")
+        RunDir(path).require(TrainMemoryManifest)
         path = path / "train-memory"
     for folder in (path / "model", path):
         if (folder / "config.json").is_file():
