@@ -16,7 +16,7 @@ from mlpmem.config import PrepareConfig
 from mlpmem.data.corpus import SPLITS, load_corpus
 from mlpmem.data.tokens import token_dtype
 from mlpmem.errors import UsageError
-from mlpmem.lm.load import load_tokenizer
+from mlpmem.hub import load_tokenizer
 from mlpmem.manifests import PrepareManifest
 from mlpmem.progress import progress
 
