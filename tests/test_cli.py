@@ -233,3 +233,53 @@ def test_actions_without_run_dir_say_which_to_pass(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(capsys, "bench", "--quick")
     assert code == 2 and "pass --run-dir RUN" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--run_dir", "RUN", "stray", "--stages", "prepare"], "--run_dir takes one value, got 2: RUN stray"),
+        (["--run_dir", "RUN", "--stages", "prepare", "--prepare.corpus", "x.txt", "stray"], "--prepare.corpus takes"),
+        (["--run_dir", "RUN", "--stages", "[prepare,"], "--stages: '[prepare,' is not a YAML list"),
+    ],
+    ids=["after-run-dir", "after-a-section-key", "broken-stages-list"],
+)
+def test_run_refuses_stray_words_and_a_broken_stages_list(extra, message, tmp_path, capsys):
+    run_dir = str(tmp_path / "r")
+    code, _, err = run_cli(capsys, "run", "demo", *[run_dir if a == "RUN" else a for a in extra])
+    assert code == 2 and message.replace("RUN", run_dir) in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_path_the_file_system_cannot_name_is_one_line(tmp_path, capsys):
+    long = str(tmp_path / ("a" * 300))
+    for argv in (["prepare", "--train-tokenizer", "300", "--run-dir", long], ["run", "demo", "--run_dir", long]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and "--run-dir: a name in it is 300 bytes long" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "export", "--run-dir", str(tmp_path / "r"), "--out", long)
+    assert code == 2 and "--out-dir: a name in it is 300 bytes long" in err
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+    # a path no config field checks (a corpus) still ends in one line
+    code, _, err = run_cli(
+        capsys, "prepare", "--train-tokenizer", "300", "--run-dir", str(tmp_path / "r"), "--corpus", long
+    )
+    assert code == 2 and "File name too long" in err and err.count("\n") == 1
+    assert not (tmp_path / "r" / "prepare").exists()
+
+
+def test_run_and_verify_take_threads(tmp_path, capsys):
+    before = torch.get_num_threads()
+    argv = ["run", "demo", "--run_dir", str(tmp_path / "r"), "--stages", "prepare", "--prepare.train_tokenizer", "300"]
+    try:
+        torch.set_num_threads(2)
+        code, _, err = run_cli(capsys, *argv, "--threads", "1")
+        assert code == 0, err
+        assert RunDir(tmp_path / "r").read("prepare").environment.threads == 1 == torch.get_num_threads()
+        torch.set_num_threads(2)
+        assert main(["verify", str(tmp_path / "r"), "--threads", "1"]) == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--threads", "0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--threads: must be an integer >= 1" in err and err.count("\n") == 1

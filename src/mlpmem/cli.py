@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -147,13 +148,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise UsageError(f"override {flag} has no value (use --section.key VALUE)")
         path = flag[2:].replace("-", "_").split(".")
         if path == ["stages"]:
-            raw = " ".join(values)
-            data["stages"] = (
-                yaml.safe_load(raw) if raw.startswith("[") else [s for s in raw.replace(",", " ").split() if s]
-            )
+            data["stages"] = parse_stages(" ".join(values))
             continue
         if len(path) == 1:
-            data[path[0]] = values[0]
+            data[path[0]] = one_value(flag, values)
             continue
         if len(path) != 2:
             raise UsageError(f"override {flag} must be --section.key")
@@ -162,16 +160,43 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise UsageError(f"override {flag}: {path[0]} is not a section")
         spec = next((s for s in STAGES if s.section == path[0]), None)
         field = spec.config.model_fields.get(path[1]) if spec else None
+        if field is not None and not accepts(field.annotation, list):
+            values = [one_value(flag, values)]
         section[path[1]] = parse_value(values, field.annotation if field else Any)
     return data
 
 
-def run_pipeline(pipeline: str, overrides: list[str]) -> None:
+def one_value(flag: str, values: list[str]) -> str:
+    """The value of a flag that takes one; a word after it (a stray argument) is refused, not dropped."""
+    if len(values) > 1:
+        raise UsageError(f"{flag} takes one value, got {len(values)}: {' '.join(values)} (a stray argument?)")
+    return values[0]
+
+
+def parse_stages(raw: str) -> Any:
+    """``--stages`` as ``prepare,train-lm``, ``prepare train-lm`` or a YAML list ``[prepare, train-lm]``."""
+    if not raw.startswith("["):
+        return [s for s in raw.replace(",", " ").split() if s]
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise UsageError(
+            f"--stages: {raw!r} is not a YAML list; write e.g. --stages prepare,train-lm or '[prepare, train-lm]'"
+        ) from None
+
+
+def run_pipeline(pipeline: str, overrides: list[str], threads: int | None = None) -> None:
     """Run the stages a pipeline (a YAML file or a preset name) lists, in order; complete stages with unchanged
-    inputs are reused."""
+    inputs are reused. ``threads`` (``--threads``) goes to every stage; a ``--SECTION.threads`` override wins."""
     from mlpmem.summary import print_run_summary
 
-    data = apply_overrides(load_pipeline(pipeline), overrides)
+    data = load_pipeline(pipeline)
+    if threads is not None:
+        for name in BUILD_STAGES:
+            section = data.setdefault(stage_spec(name).section, {})
+            if isinstance(section, dict):
+                section["threads"] = threads
+    data = apply_overrides(data, overrides)
     run = validate(RunConfig, data)
     configs = run.stage_configs()  # every section, before any work
     times, reused = {}, set()
@@ -270,6 +295,28 @@ def add_output_flags(parser: argparse.ArgumentParser, top: bool) -> None:
     )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    """--threads for the commands that take no stage config (run: every stage's; verify: its hashing)."""
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="INT",
+        help="CPU threads for torch and FAISS; default: the cores this process may use",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="mlpmem", description="Retriever-pretrained MLP memory for causal LMs.")
     parser.add_argument("-V", "--version", action="version", version=f"mlpmem {__version__}")
@@ -287,9 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "pipeline", metavar="PIPELINE", help=f"a pipeline YAML file, or the name of a shipped preset ({presets})"
     )
+    add_threads_flag(run)
     add_output_flags(run, top=False)
     verify = sub.add_parser("verify", help="check a run's manifests, file sizes and content hashes, and staleness")
     verify.add_argument("run_path", type=Path, help="run directory")
+    add_threads_flag(verify)
     add_output_flags(verify, top=False)
     for spec in STAGES:
         p = sub.add_parser(spec.name, help=spec.help, description=spec.help)
@@ -301,10 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def execute(args: argparse.Namespace, rest: list[str]) -> int:
     if args.command == "run":
-        run_pipeline(args.pipeline, rest)
+        run_pipeline(args.pipeline, rest, args.threads)
         return 0
     if args.command == "verify":
+        from mlpmem.devices import set_threads
         from mlpmem.summary import verify
+
+        set_threads(args.threads)
 
         problems = verify(args.run_path)
         print(f"{len(problems)} problem(s) found" if problems else "all stages verified")
@@ -337,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mlpmem: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as err:  # a path given on the command line that the OS cannot name (paths from configs are
+        if err.errno != errno.ENAMETOOLONG:  # checked by config.nameable and name their flag)
+            raise
+        print(f"mlpmem: error: {os.strerror(err.errno)}: {err.filename}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # output piped into a reader that stopped (`mlpmem ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

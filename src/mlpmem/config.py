@@ -7,11 +7,12 @@ naming its flag, as one line.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mlpmem.errors import UsageError
 
@@ -21,6 +22,24 @@ Weight = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]  # a mixing we
 Temperature = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # T of softmax(-d/T)
 MemoryDType = Literal["fp32", "bf16", "int8"]
 MEMORY_DTYPE_HELP = "the memory's weights: fp32, bf16, or int8 (weight-only, one scale per output channel)"
+
+
+def nameable(path: Path) -> Path:
+    """A path the file system can name: no folder or file name longer than NAME_MAX bytes (255 on Linux) and the
+    whole within PATH_MAX, checked before any work (else the OS refuses it mid-command)."""
+    try:
+        name_max, path_max = os.pathconf("/", "PC_NAME_MAX"), os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+    if longest > name_max:
+        raise ValueError(f"a name in it is {longest} bytes long; the file system allows {name_max}")
+    if len(os.fsencode(path)) >= path_max:
+        raise ValueError(f"it is {len(os.fsencode(path))} bytes long; the file system allows {path_max - 1}")
+    return path
+
+
+FsPath = Annotated[Path, AfterValidator(nameable)]  # a path checked by ``nameable``
 
 
 def setting(default: Any, description: str, **kwargs: Any) -> Any:
@@ -37,7 +56,7 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
-    run_dir: Path = setting(Path("runs/default"), "run directory; one sub-folder per stage", exclude=True)
+    run_dir: FsPath = setting(Path("runs/default"), "run directory; one sub-folder per stage", exclude=True)
     threads: int | None = setting(
         None,
         "CPU threads for torch and FAISS; default: the cores this process may use (recorded in the manifest)",
@@ -318,7 +337,7 @@ class GenerateConfig(StageConfig):
 
 
 class ExportConfig(StageConfig):
-    out_dir: Path = Field(
+    out_dir: FsPath = Field(
         ...,
         description="folder to write the joint model into (replaced when it holds an earlier export)",
         json_schema_extra={"cli_aliases": ["--out"]},
@@ -340,16 +359,16 @@ class ExportConfig(StageConfig):
 class LmEvalConfig(StageConfig):
     model: str = Field(..., description="folder written by `mlpmem export` (the base LM is the one inside it)")
     tasks: list[str] = Field(..., min_length=1, description="lm-evaluation-harness task names (or groups)")
-    include_path: Path | None = Field(None, description="folder of extra lm-eval task YAMLs (local tasks)")
+    include_path: FsPath | None = Field(None, description="folder of extra lm-eval task YAMLs (local tasks)")
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples; default: each task's own")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N documents of each task")
     batch_size: int = setting(8, "sequences per forward pass", ge=1)
-    out_path: Path | None = Field(None, description="write both systems' lm-eval results here (JSON)")
+    out_path: FsPath | None = Field(None, description="write both systems' lm-eval results here (JSON)")
     device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
 class BenchConfig(StageConfig):
-    out_dir: Path | None = Field(
+    out_dir: FsPath | None = Field(
         None,
         description="where bench.json and bench.png go; default: RUN_DIR/bench",
         json_schema_extra={"cli_aliases": ["--out"]},

@@ -21,6 +21,7 @@ from mlpmem.config import (
     EvaluateConfig,
     ExplicitMemoriesConfig,
     ExportConfig,
+    FsPath,
     GenerateConfig,
     IndexConfig,
     LmEvalConfig,
@@ -242,7 +243,7 @@ RunConfig = create_model(
     "RunConfig",
     __base__=_RunConfigBase,
     __doc__="A whole pipeline: ``run_dir``, the stages to run in order, and one section per stage.",
-    run_dir=(Path, Field(Path("runs/default"), description="run directory shared by every stage")),
+    run_dir=(FsPath, Field(Path("runs/default"), description="run directory shared by every stage")),
     stages=(list[Literal[BUILD_STAGES]], Field(list(BUILD_STAGES), min_length=1)),  # type: ignore[valid-type]
     **{BY_NAME[name].section: (dict[str, Any], Field(default_factory=dict)) for name in BUILD_STAGES},
 )
