@@ -283,3 +283,45 @@ def test_run_and_verify_take_threads(tmp_path, capsys):
         main([*argv, "--threads", "0"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--threads: must be an integer >= 1" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["export", "--run-dir", "RUN", "--out", "OUT"], "--out-dir"),
+        (["bench", "--run-dir", "RUN", "--out", "OUT"], "--out-dir"),
+        (["lm-eval", "--model", "RUN", "--tasks", "t", "--out-path", "OUT"], "--out-path"),
+    ],
+    ids=["export", "bench", "lm-eval"],
+)
+def test_an_unwritable_output_is_refused_before_any_work(argv, flag, tmp_path, capsys):
+    """The output is checked first: the run (here: none at all) is never read, nothing is written."""
+    (tmp_path / "file").write_text("a file, not a folder")
+    out, run_dir = tmp_path / "file" / "out", tmp_path / "run"
+    code, _, err = run_cli(capsys, *[{"RUN": str(run_dir), "OUT": str(out)}.get(a, a) for a in argv])
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{flag}: cannot write {out}: {tmp_path / 'file'} is a file, not a folder" in err
+    assert {p.name for p in tmp_path.iterdir()} <= {"file", "run"}  # the run's lock aside, nothing written
+    assert all(p.name.startswith(".lock") for p in run_dir.glob("*")) and (tmp_path / "file").is_file()
+
+
+def test_lm_eval_refuses_a_folder_as_its_out_path(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "lm-eval", "--model", "m", "--tasks", "t", "--out-path", str(tmp_path))
+    assert code == 2 and f"--out-path: {tmp_path} is a folder" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    code, _, err = run_cli(capsys, "export", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "ro" / "x"))
+    assert code == 2 and "--out-dir: cannot write" in err and "Permission denied" in err
+
+
+@pytest.mark.parametrize("out", [".", "..", "sub/.."])
+def test_export_refuses_the_current_folder_or_one_holding_it(out, tmp_path, monkeypatch, capsys):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, _, err = run_cli(capsys, "export", "--run-dir", str(tmp_path / "run"), "--out", out)
+    assert code == 2 and "is the current folder or holds it" in err and err.count("\n") == 1
+    assert list(here.iterdir()) == [] and {p.name for p in tmp_path.iterdir()} <= {"here", "run"}  # run: its lock

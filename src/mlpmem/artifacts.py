@@ -68,6 +68,22 @@ def disk_errors(path: Path) -> Iterator[None]:
         raise
 
 
+def require_writable(path: Path, field: str, inside: bool = False) -> None:
+    """UsageError naming ``field`` unless ``path`` can be written (created or replaced; ``inside``: files written
+    in the folder ``path``), checked before a long command spends its time: the nearest existing folder must take
+    a new file. The probe is an unnamed temporary file, so nothing is left behind."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    start = path if inside else path.parent
+    folder = next(p for p in (start, *start.parents) if p.exists())
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {path}: {folder} is a file, not a folder", field=field)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {os.strerror(err.errno or 0) or err} ({folder})", field=field) from None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file and rename, so readers never see a partial file."""
     path = Path(path)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import mlpmem.data as mlpmem_data
 from mlpmem.cli import main
 from mlpmem.config import LmEvalConfig
 from mlpmem.evaluate.scoring import memory_log_prob, score_tokens
@@ -108,3 +109,38 @@ def test_cli_prints_both_systems_and_refuses_unknown_tasks(exported, tasks_dir, 
     assert main([*argv, "--tasks", "no_such_task"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--tasks" in err and "no_such_task" in err
+
+
+def test_the_shipped_wikitext2_slice_task_runs_from_any_folder(exported, tmp_path, monkeypatch):
+    """``wikitext2_slice`` ships in the package: found without --include-path outside the repository, it scores the
+    same document as lm-eval's own text loader reading the bundled file by its absolute path."""
+    import yaml
+
+    from mlpmem.evaluate.harness import SHIPPED_TASKS
+
+    bundled = Path(mlpmem_data.__file__).parent / "bundled" / "wikitext-2" / "test.txt"
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    task = yaml.safe_load((SHIPPED_TASKS / "wikitext2_slice.yaml").read_text().replace("!function ", ""))
+    del task["custom_dataset"]
+    task.update(
+        task="reference_slice",
+        dataset_path="text",
+        dataset_kwargs={"data_files": {"test": str(bundled)}, "sample_by": "document"},
+    )
+    (reference / "reference_slice.yaml").write_text(yaml.safe_dump(task))
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    out = lm_eval_side_by_side(
+        LmEvalConfig(
+            model=str(exported),
+            tasks=["wikitext2_slice", "reference_slice"],
+            include_path=reference,
+            limit=1,
+            batch_size=8,
+            device="cpu",
+        )
+    )
+    rows = {(t, m): (b, w) for t, m, b, w in out.rows}
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert rows[("wikitext2_slice", metric)] == rows[("reference_slice", metric)]
+        assert np.isfinite(rows[("wikitext2_slice", metric)]).all()

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from mlpmem.artifacts import Environment, RunDir, atomic_write_json
+from mlpmem.artifacts import Environment, RunDir, atomic_write_json, require_writable
 from mlpmem.bench.long_context import long_context_decode
 from mlpmem.bench.memory_speed import parameter_bytes, time_variants
 from mlpmem.bench.overhead import free_memory_lm, mixing_overhead
@@ -485,8 +485,9 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     """Run every timing; returns the bench.json dict (also written to OUT_DIR, with bench.png)."""
     config = with_quick(config)
     started = time.time()
-    s = setup(config)
     out_dir = output_dir(config)
+    require_writable(out_dir, "out_dir" if config.out_dir else "run_dir", inside=True)  # before minutes of timing
+    s = setup(config)
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     try:

@@ -23,6 +23,7 @@ from mlpmem.devices import resolve_device
 from mlpmem.errors import UsageError
 
 SYSTEMS = ("base", "mlp-memory")
+SHIPPED_TASKS = Path(__file__).parent / "lm_eval_tasks"  # tasks shipped with mlpmem (wikitext2_slice), always found
 
 
 @dataclass
@@ -53,12 +54,13 @@ def load_exported(folder: str | Path, device: Any = "cpu") -> Any:
 
 
 def task_manager(config: LmEvalConfig) -> Any:
-    """lm-eval's TaskManager (with ``include_path``); UsageError naming unknown tasks."""
+    """lm-eval's TaskManager with mlpmem's shipped tasks (and ``include_path``); UsageError naming unknown tasks."""
     from lm_eval.tasks import TaskManager
 
-    if config.include_path is not None and not Path(config.include_path).is_dir():
+    if config.include_path is not None and not Path(config.include_path).expanduser().is_dir():
         raise UsageError(f"{config.include_path} is not a folder of task YAMLs", field="include_path")
-    manager = TaskManager(include_path=str(config.include_path) if config.include_path else None)
+    folders = [SHIPPED_TASKS] + ([Path(config.include_path).expanduser()] if config.include_path else [])
+    manager = TaskManager(include_path=[str(f) for f in folders])
     unknown = [t for t in config.tasks if not manager.match_tasks([t])]
     if unknown:
         raise UsageError(f"unknown lm-eval task(s): {', '.join(unknown)}", field="tasks")
@@ -67,6 +69,7 @@ def task_manager(config: LmEvalConfig) -> Any:
 
 def lm_eval_side_by_side(config: LmEvalConfig) -> SideBySide:
     """Run ``config.tasks`` through lm-eval on the base LM and on the memory-augmented model."""
+    check_out_path(config)
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -104,6 +107,17 @@ def lm_eval_side_by_side(config: LmEvalConfig) -> SideBySide:
     return out
 
 
+def check_out_path(config: LmEvalConfig) -> None:
+    """Refuse an ``--out-path`` that cannot be written before both systems are evaluated."""
+    from mlpmem.artifacts import require_writable
+
+    if config.out_path is None:
+        return
+    if Path(config.out_path).expanduser().is_dir():
+        raise UsageError(f"{config.out_path} is a folder; give the path of a JSON file", field="out_path")
+    require_writable(config.out_path, "out_path")
+
+
 def metric_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, float, float]]:
     """(task, metric, base, mlp-memory) for every metric lm-eval reports (standard errors left out)."""
     rows = []
@@ -124,7 +138,7 @@ def write_json(out: SideBySide, config: LmEvalConfig) -> None:
     payload = {name: {k: r[k] for k in keep if k in r} for name, r in out.results.items()}
     payload["provenance"] = Environment.current().model_dump()
     payload["command_config"] = config.model_dump(mode="json")
-    atomic_write_json(Path(config.out_path), json.loads(json.dumps(payload, default=str)))
+    atomic_write_json(Path(config.out_path).expanduser(), json.loads(json.dumps(payload, default=str)))
 
 
 def print_side_by_side(out: SideBySide, config: LmEvalConfig | None = None) -> None:

@@ -13,12 +13,13 @@ complete; an existing destination is replaced only when it holds an earlier expo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlpmem.artifacts import RunDir
+from mlpmem.artifacts import RunDir, require_writable
 from mlpmem.config import ExportConfig
 from mlpmem.errors import UsageError
 from mlpmem.export.card import model_card
@@ -37,7 +38,16 @@ class Exported:
 
 
 def check_destination(out_dir: Path) -> None:
-    """UsageError when ``out_dir`` exists and is not an earlier export (never overwrite other files)."""
+    """UsageError when ``out_dir`` is the current folder or holds it, cannot be written, or exists and is not an
+    earlier export (never overwrite other files)."""
+    cwd = Path.cwd()
+    if out_dir == cwd or out_dir in cwd.parents:
+        raise UsageError(
+            f"{out_dir} is the current folder or holds it, and the export replaces its destination; "
+            "choose a new folder (e.g. --out exports/NAME)",
+            field="out_dir",
+        )
+    require_writable(out_dir, "out_dir")
     if not out_dir.exists():
         return
     config = out_dir / "config.json"
@@ -63,7 +73,7 @@ def export_model(config: ExportConfig) -> Exported:
     from mlpmem.lm.load import load_tokenizer, run_lm_dir
 
     run = RunDir(config.run_dir)
-    out_dir = Path(config.out_dir).expanduser()
+    out_dir = Path(os.path.abspath(Path(config.out_dir).expanduser()))  # "." or "a/.." named by their folder
     check_destination(out_dir)
     lm_manifest = run.require("train-lm")
     run.require("train-memory")
