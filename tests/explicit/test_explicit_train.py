@@ -80,3 +80,17 @@ def test_a_killed_training_resumes_to_the_same_weights(trained, tmp_path, monkey
         a = load_file(killed / "train-explicit" / name / "model.safetensors")
         b = load_file(path / "train-explicit" / name / "model.safetensors")
         assert [k for k in a if not torch.equal(a[k], b[k])] == [], name
+
+
+def test_a_chunk_longer_than_the_window_is_one_line(tmp_path, capsys):
+    """--chunk-tokens beyond the window (the LM's context 64 here) is refused before any work, naming the flag."""
+    from mlpmem.cli import main
+
+    path = memory_run(tmp_path / "run")
+    capsys.readouterr()
+    argv = ["train-explicit", "--run-dir", str(path), "--device", "cpu", "--dtype", "float32", "--max-steps", "1"]
+    assert main([*argv, "--chunk-tokens", "65"]) == 2
+    err = capsys.readouterr().err
+    assert "--chunk-tokens: chunk_tokens (65) exceeds the training window (64 tokens)" in err and err.count("\n") == 1
+    assert not (path / "train-explicit.partial").exists() and not (path / "train-explicit").exists()
+    assert main([*argv, "--chunk-tokens", "64", "--eval-batches", "1"]) == 0  # a window of one whole chunk is fine

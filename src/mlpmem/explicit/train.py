@@ -183,6 +183,12 @@ def train_explicit(config: TrainExplicitConfig) -> TrainExplicitManifest:
     context = config.context or manifests["train-lm"].config.context
     if (positions := max_positions(lm)) is not None and context > positions:
         raise UsageError(f"context {context} exceeds the LM's {positions} positions", field="context")
+    if config.chunk_tokens > context:
+        raise UsageError(
+            f"chunk_tokens ({config.chunk_tokens}) exceeds the training window ({context} tokens), which must hold "
+            f"at least one chunk; use --chunk-tokens {context} or less",
+            field="chunk_tokens",
+        )
     train, valid = run.array("prepare", "train"), run.array("prepare", "valid")
     if len(train) < context + 2 or len(valid) < context + 1:
         raise UsageError(f"the train and valid splits need more than context ({context}) tokens", field="context")
