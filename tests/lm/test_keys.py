@@ -137,3 +137,20 @@ def test_key_dim_of_a_non_norm_module_is_measured():
     model = build("gpt2")
     assert key_dim(model, "transformer.h.1.mlp.c_fc") == 128  # 4 x 32
     assert key_dim(model, "lm_head") == 96
+
+
+def test_a_key_layer_that_outputs_no_single_tensor_is_refused_with_the_choices():
+    """The backbone returns a model output, not a tensor: refused on the first forward, naming the flag and the
+    family's feed-forward inputs (a block's tuple and a linear layer stay usable keys)."""
+    model = build("gpt2")
+    with pytest.raises(UsageError) as err:
+        key_dim(model, "transformer")
+    assert err.value.for_cli() == (
+        "--key-layer: 'transformer' outputs a BaseModelOutputWithPastAndCrossAttentions, not one [batch, seq, width] "
+        "tensor; give a block's feed-forward input (transformer.h.0.ln_2 .. transformer.h.1.ln_2), or another "
+        "module that outputs one tensor (e.g. lm_head)"
+    )
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+    with KeyHook(model, "transformer.h.0") as hook, torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states[1]  # block 0's output
+    torch.testing.assert_close(hook.keys, hidden)

@@ -465,3 +465,14 @@ def test_online_memory_at_the_lm_head(memory_run):
     assert manifest.valid["kl"] < manifest.valid_history[0]["kl"]
     expected = reference_keys(memory_run, lambda lm, ids: lm(ids).logits.detach())
     assert final_valid_kl(memory_run, expected) == pytest.approx(manifest.valid["kl"], abs=1e-4)
+
+
+def test_online_key_layer_without_one_tensor_output_is_one_line(memory_run, capsys):
+    from mlpmem.cli import main
+
+    argv = ["train-memory", "--run-dir", str(memory_run), "--mode", "online", "--key-layer", "transformer"]
+    assert main([*argv, "--device", "cpu", "--valid-size", "200"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mlpmem: error: --key-layer: 'transformer' outputs a BaseModel") and err.count("\n") == 1
+    assert "transformer.h.0.ln_2 .. transformer.h.1.ln_2" in err
+    assert not (memory_run / "train-memory.partial").exists() and not (memory_run / "train-memory").exists()

@@ -74,6 +74,30 @@ def key_module_path(model: PreTrainedModel, key_layer: str | None = None, depth:
     return key_layer
 
 
+def ffn_inputs(model: PreTrainedModel) -> str | None:
+    """The family's feed-forward input modules, first to last block ("transformer.h.0.ln_2 .. transformer.h.3.ln_2"),
+    or None for a family outside ``KEY_MODULES``."""
+    family = model.config.model_type
+    if family not in KEY_MODULES:
+        return None
+    template = KEY_MODULES[family]
+    if family == "opt" and not getattr(model.config, "do_layer_norm_before", True):
+        template = _OPT_POST_NORM
+    return f"{template.format(block=0)} .. {template.format(block=_n_layers(model) - 1)}"
+
+
+def not_a_key(model: PreTrainedModel, path: str, output: Any) -> UsageError:
+    """The error for a key module whose output is not one [batch, seq, width] tensor (a whole backbone...)."""
+    what = f"a {type(output).__name__}" if not isinstance(output, torch.Tensor) else f"a {output.dim()}-D tensor"
+    choices = ffn_inputs(model)
+    blocks = f"a block's feed-forward input ({choices})" if choices else "a block's feed-forward input"
+    return UsageError(
+        f"{path!r} outputs {what}, not one [batch, seq, width] tensor; give {blocks}, or another module that "
+        "outputs one tensor (e.g. lm_head)",
+        field="key_layer",
+    )
+
+
 def key_dim(model: PreTrainedModel, key_layer: str | None = None) -> int:
     """Width of the keys: the norm's weight size, else measured on a 2-token forward."""
     path = key_module_path(model, key_layer)
@@ -110,6 +134,8 @@ class KeyHook:
 
     def _on_key_output(self, _module: nn.Module, _args: tuple, output: Any) -> None:
         out = output[0] if isinstance(output, tuple) else output
+        if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3):
+            raise not_a_key(self.model, self.path, out)
         out = out.detach()
         if out.dim() == 2 and self._shape is not None:
             out = out.view(*self._shape, out.shape[-1])  # [batch * seq, d] -> [batch, seq, d]
