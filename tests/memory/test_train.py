@@ -476,3 +476,15 @@ def test_online_key_layer_without_one_tensor_output_is_one_line(memory_run, caps
     assert err.startswith("mlpmem: error: --key-layer: 'transformer' outputs a BaseModel") and err.count("\n") == 1
     assert "transformer.h.0.ln_2 .. transformer.h.1.ln_2" in err
     assert not (memory_run / "train-memory.partial").exists() and not (memory_run / "train-memory").exists()
+
+
+def test_a_batch_beyond_the_training_entries_is_bounded_by_them(memory_run, tmp_path, caplog):
+    """--batch-size 10,000,000 trains exactly as a batch of every training entry (memory bounded by the data)."""
+    n_train = RunDir(memory_run).read("datastore").entries - VALID
+    other = shutil.copytree(memory_run, tmp_path / "other")
+    with caplog.at_level("WARNING", logger="mlpmem"):
+        big = train_memory(config(memory_run, batch_size=10_000_000, epochs=2))
+    assert f"--batch-size 10000000 exceeds the {n_train} training entries; using {n_train}" in caplog.text
+    whole = train_memory(config(other, batch_size=n_train, epochs=2))
+    assert big.steps == whole.steps == 2 and big.valid_history == whole.valid_history
+    assert same_weights(other, memory_run)

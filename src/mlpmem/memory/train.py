@@ -490,6 +490,21 @@ def train_step(
     return loss, kl, ce
 
 
+def bounded_batch_size(batch_size: int, n_train: int, say: bool = True) -> int:
+    """The batch, at most the training entries: a larger one would repeat entries within a step and grow memory
+    with the batch, not the data (--batch-size 10,000,000 on 69,571 entries held 23 GB)."""
+    if batch_size <= n_train:
+        return batch_size
+    if say:
+        log.warning(
+            "train-memory: --batch-size %d exceeds the %d training entries; using %d (one step per epoch)",
+            batch_size,
+            n_train,
+            n_train,
+        )
+    return n_train
+
+
 def fit(
     config: TrainMemoryConfig,
     build: StageBuild,
@@ -505,9 +520,10 @@ def fit(
     """The training loop, from step 0 or a checkpoint's ``state``; returns step, timings and validation results."""
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
-    per_step = max(world, round(config.batch_size / source.keys_per_unit))  # units per global step
+    batch_size = bounded_batch_size(config.batch_size, source.n_train, main)
+    per_step = max(world, round(batch_size / source.keys_per_unit))  # units per global step
     total_steps = max(1, math.ceil(config.epochs * source.n_units / per_step))
-    pool_steps = max(1, round(config.shuffle_keys / config.batch_size))
+    pool_steps = max(1, round(config.shuffle_keys / batch_size))
     plan = BatchPlan(per_step, source.n_units, total_steps, config.seed, pool_steps, rank, world)
     scheduler = make_scheduler(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
     restore_scheduler(scheduler, optimizer, state)
@@ -520,7 +536,7 @@ def fit(
     def run_validation() -> dict[str, float] | None:
         if valid_keys is None:
             return None
-        result = validate(memory, valid_keys, valid_ids, targets, config.alpha, config.batch_size, device, dtype)
+        result = validate(memory, valid_keys, valid_ids, targets, config.alpha, batch_size, device, dtype)
         loop.valid_history.append({"step": loop.step, **result})
         metrics.write(loop.step, {f"valid/{k}": v for k, v in result.items()})
         if main:
