@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from mlpmem.artifacts import atomic_write_json, disk_errors, read_json
 from mlpmem.errors import UsageError
+from mlpmem.training import non_finite_parameter
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -68,6 +69,11 @@ def load_checkpoint(stage_dir: Path, model: torch.nn.Module) -> dict[str, Any] |
         raise UsageError(
             f"the checkpoint in {folder} is damaged ({type(err).__name__}); remove it to restart the stage"
         ) from None
+    if (name := non_finite_parameter(model)) is not None:  # resumed, it would read as a diverged training
+        raise UsageError(
+            f"the checkpoint in {folder} holds nan/inf weights ({name}), so it cannot be resumed; "
+            f"remove {folder.parent} to restart the stage"
+        )
     set_rng_state(state["rng"])
     return state
 

@@ -135,3 +135,21 @@ def test_too_many_lists_are_refused_and_keep_the_finished_index(tmp_path):
     assert err.value.field == "factory"
     assert (tmp_path / "index" / "index.faiss").read_bytes() == before
     assert RunDir(tmp_path).require("index").fingerprint == built.fingerprint
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
+def test_keys_damaged_after_the_datastore_are_blamed_on_the_file_not_the_factory(tmp_path, factory):
+    """A nan written into keys.bin (same size, so only a full hash would see it) is named with its entry; the
+    factory is not blamed (IVF: the training sample holds it; Flat: adding it)."""
+    keys, values = random_datastore(n=400, d=8)
+    write_datastore(tmp_path, keys.astype(np.float16), values)
+    damaged = np.memmap(tmp_path / "datastore" / "keys.bin", dtype=np.float16, mode="r+", shape=(400, 8))
+    damaged[17, 3] = np.nan
+    damaged.flush()
+    with pytest.raises(UsageError) as err:
+        build_index(IndexConfig(run_dir=tmp_path, factory=factory, train_size=400))
+    assert err.value.field is None and "\n" not in str(err.value)
+    assert str(err.value).startswith("datastore entry 17 (1 of the 400 read) holds nan/inf keys")
+    assert "keys.bin was damaged after it was written (`mlpmem verify" in str(err.value)
+    assert str(err.value).endswith(f"remove {tmp_path / 'datastore'} and rerun `mlpmem datastore`")
+    assert not (tmp_path / "index").exists()

@@ -488,3 +488,52 @@ def test_a_batch_beyond_the_training_entries_is_bounded_by_them(memory_run, tmp_
     whole = train_memory(config(other, batch_size=n_train, epochs=2))
     assert big.steps == whole.steps == 2 and big.valid_history == whole.valid_history
     assert same_weights(other, memory_run)
+
+
+@pytest.mark.parametrize(
+    "file,dtype,width,value,message",
+    [
+        ("targets/probs.bin", np.float32, 6, np.nan, "nan/inf or negative target probabilities"),
+        ("targets/tokens.bin", np.int32, 6, 5000, "target token ids outside the LM's 96-token vocabulary"),
+        ("targets/gold.bin", np.int32, None, -3, "a gold token outside the LM's 96-token vocabulary"),
+        ("datastore/keys.bin", np.float16, 32, np.inf, "holds nan/inf keys"),
+    ],
+    ids=["probs", "tokens", "gold", "keys"],
+)
+def test_damaged_inputs_are_named_not_blamed_on_the_learning_rate(memory_run, file, dtype, width, value, message):
+    """A value damaged in place (same size, so only a full hash sees it) is named with its entry and file; before,
+    a nan read as 'diverged: lower --lr' and an out-of-range id raised inside the loss."""
+    n = RunDir(memory_run).read("datastore").entries
+    damaged = np.memmap(memory_run / file, dtype=dtype, mode="r+", shape=(n, width) if width else (n,))
+    damaged[5] = value
+    damaged.flush()
+    with pytest.raises(UsageError) as err:
+        train_memory(config(memory_run, epochs=1))
+    text = err.value.for_cli()
+    assert text.startswith("datastore entry 5 ") and message in text and "\n" not in text
+    folder = file.split("/")[0]
+    assert f"{memory_run / folder}" in text and f"rerun `mlpmem {folder}`" in text and "--lr" not in text
+    assert not (memory_run / "train-memory").exists()
+
+
+def test_a_checkpoint_with_nan_weights_is_named_not_resumed(memory_run, monkeypatch):
+    class Killed(Exception):
+        pass
+
+    original = train_module.save_checkpoint
+
+    def save_then_die(stage, step, model, *args, **kw):
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("nan")  # the saved weights are damaged
+        original(stage, step, model, *args, **kw)
+        raise Killed
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_memory(config(memory_run, epochs=1, eval_interval=3))
+    monkeypatch.setattr(train_module, "save_checkpoint", original)
+    with pytest.raises(UsageError) as err:
+        train_memory(config(memory_run, epochs=1, eval_interval=3))
+    checkpoints = memory_run / "train-memory.partial" / "checkpoints"
+    assert str(err.value).startswith(f"the checkpoint in {checkpoints / 'step-3'} holds nan/inf weights (")
+    assert str(err.value).endswith(f"remove {checkpoints} to restart the stage") and "--lr" not in str(err.value)

@@ -38,7 +38,7 @@ class StoredKeys:
     def sample(self, n_train: int, seed: int) -> np.ndarray:
         """A seeded random sample of keys [n_train, d] float32 (rows read in ascending order)."""
         rows = np.sort(np.random.default_rng(seed).choice(self.n, n_train, replace=False))
-        return np.ascontiguousarray(self.keys[rows], dtype=np.float32)
+        return self.finite(np.ascontiguousarray(self.keys[rows], dtype=np.float32), rows)
 
     def ranges(self, size: int) -> list[tuple[int, int]]:
         """Entry ranges [a, b) of about ``size`` entries, in order, covering 0 .. N-1."""
@@ -46,7 +46,20 @@ class StoredKeys:
 
     def range(self, a: int, b: int) -> np.ndarray:
         """Keys [b - a, d] float32 of entries a .. b-1."""
-        return np.ascontiguousarray(self.keys[a:b], dtype=np.float32)
+        return self.finite(np.ascontiguousarray(self.keys[a:b], dtype=np.float32), np.arange(a, b))
+
+    def finite(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``keys`` [n, d] of entries ``rows``; UsageError when one holds nan/inf. The datastore refused such keys
+        when it wrote them, so the file was damaged since: no FAISS setting is at fault."""
+        bad = ~np.isfinite(keys).all(axis=1)
+        if bad.any():
+            path = Path(getattr(self.keys, "filename", None) or "datastore/keys.bin")
+            raise UsageError(
+                f"datastore entry {int(rows[np.argmax(bad)])} ({int(bad.sum())} of the {len(rows)} read) holds nan/inf "
+                f"keys: {path} was damaged after it was written (`mlpmem verify {path.parent.parent}` checks every "
+                f"file's hash); remove {path.parent} and rerun `mlpmem datastore`"
+            )
+        return keys
 
 
 class StreamedKeys:

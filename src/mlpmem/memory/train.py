@@ -37,6 +37,7 @@ from mlpmem.data.windows import Window, sliding_windows
 from mlpmem.devices import autocast, resolve_device, resolve_dtype
 from mlpmem.distributed import check_launch, sum_over_ranks
 from mlpmem.errors import UsageError
+from mlpmem.knn.stream import StoredKeys
 from mlpmem.knn.targets import SearchedTargets
 from mlpmem.lm.forward import forward_windows
 from mlpmem.lm.keys import key_dim, key_module_path
@@ -81,12 +82,13 @@ class OfflineKeys:
     """Keys read from RUN/datastore/keys; a unit is one training entry."""
 
     def __init__(self, run_dir: Path, n_train: int):
-        self.keys = RunDir(run_dir).array("datastore", "keys")  # [N, d] memmap
+        self.stored = StoredKeys(RunDir(run_dir).array("datastore", "keys"))  # [N, d] memmap, read checked finite
         self.n_train = self.n_units = n_train
         self.keys_per_unit = 1.0
 
     def keys_for(self, entry_ids: np.ndarray, device: torch.device) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.keys[entry_ids], dtype=np.float32)).to(device)  # [n, d]
+        keys = np.asarray(self.stored.keys[entry_ids], dtype=np.float32)
+        return torch.from_numpy(self.stored.finite(keys, entry_ids)).to(device)  # [n, d]
 
     def batch(self, units: np.ndarray, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
         ids = np.sort(units)  # sorted reads are sequential on disk
@@ -255,10 +257,38 @@ class Targets:
         return read(self.tokens, np.int64), read(self.probs, np.float32), read(self.gold, np.int64)
 
 
-def open_targets(run_dir: Path) -> Targets | SearchedTargets:
-    """The stored targets, or (``targets --store false``) targets searched for each batch from its keys."""
-    manifest = RunDir(run_dir).require("targets")
-    return Targets(run_dir) if manifest.stored else SearchedTargets(run_dir, manifest)
+class CheckedTargets:
+    """Target rows checked before they reach the loss: token ids outside the vocabulary or nan/inf/negative
+    probabilities mean a file damaged after it was written, which would otherwise fail inside the loss or read as
+    a diverged training (and be answered with a lower --lr)."""
+
+    def __init__(self, run_dir: Path, vocab_size: int):
+        manifest = RunDir(run_dir).require("targets")
+        self.targets = Targets(run_dir) if manifest.stored else SearchedTargets(run_dir, manifest)
+        self.run_dir, self.vocab_size = run_dir, vocab_size
+        # searched targets come from the datastore's values (gold and neighbours), stored ones from their files
+        self.source = ("targets", "targets") if manifest.stored else ("datastore", "datastore")
+
+    def rows(
+        self, ids: np.ndarray, device: torch.device, keys: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens [n, w], probs [n, w], gold [n] of entries ``ids``; UsageError naming the first damaged entry."""
+        tokens, probs, gold = rows = self.targets.rows(ids, device, keys)
+        v = self.vocab_size
+        problems = (
+            (f"target token ids outside the LM's {v}-token vocabulary", ((tokens < -1) | (tokens >= v)).any(1)),
+            ("nan/inf or negative target probabilities", (~torch.isfinite(probs) | (probs < 0)).any(1)),
+            (f"a gold token outside the LM's {v}-token vocabulary", (gold < 0) | (gold >= v)),
+        )
+        for what, bad in problems:
+            if bad.any():
+                entry = int(ids[int(bad.nonzero()[0, 0])])
+                folder, command = self.source
+                raise UsageError(
+                    f"datastore entry {entry} has {what}: {self.run_dir}/{folder} was damaged after it was written "
+                    f"(`mlpmem verify {self.run_dir}` checks every file's hash); remove it and rerun `mlpmem {command}`"
+                )
+        return rows
 
 
 @torch.no_grad()
@@ -266,7 +296,7 @@ def validate(
     model: torch.nn.Module,
     keys: torch.Tensor,
     ids: np.ndarray,
-    targets: Targets,
+    targets: CheckedTargets,
     alpha: float,
     batch_size: int,
     device: torch.device,
@@ -527,7 +557,7 @@ def fit(
     plan = BatchPlan(per_step, source.n_units, total_steps, config.seed, pool_steps, rank, world)
     scheduler = make_scheduler(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
     restore_scheduler(scheduler, optimizer, state)
-    targets = open_targets(Path(config.run_dir))
+    targets = CheckedTargets(Path(config.run_dir), accelerator.unwrap_model(memory).config.vocab_size)
     valid_ids = np.arange(source.n_train, n_entries)
     valid_keys = source.keys_for(valid_ids, torch.device("cpu")) if len(valid_ids) else None  # [n_valid, d]
     loop = LoopState.from_checkpoint(state)
