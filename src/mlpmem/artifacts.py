@@ -478,6 +478,38 @@ class RunDir:
         }
         return fingerprint_obj(recorded) == fingerprint_obj({"config": config.identity(), "inputs": inputs})
 
+    def refuse_replacing(self, stage: str, config: Any, inputs: dict[str, str]) -> None:
+        """A finished stage that later stages were built (or began) from is not replaced by a different one (another
+        config, or changed inputs such as a corpus's text or a model's files) unless ``config.replace``: they would
+        be left stale without a word. A stage already stale (an upstream stage was rebuilt since) is free."""
+        old = self.read(stage)
+        if old is None or not old.complete or getattr(config, "replace", False):
+            return
+        if any(name in MANIFESTS and recorded != inputs.get(name) for name, recorded in old.inputs.items()):
+            return
+        before, now = manifest_class(stage).config_class().identity_of(old.config), config.identity()
+        changed = [f"--{k.replace('_', '-')}" for k in now if before.get(k) != now[k]]
+        changed += [f"its input {k}" for k in sorted({*old.inputs, *inputs}) if old.inputs.get(k) != inputs.get(k)]
+        built = self.built_from(stage, old.fingerprint)
+        if changed and built:
+            raise UsageError(
+                f"{self.folder(stage)} is a finished {stage} that {', '.join(built)} "
+                f"{'was' if len(built) == 1 else 'were'} built from, and this {stage} differs ({', '.join(changed)}): "
+                "use a new --run-dir, or --replace to rebuild it (the later stages are then rebuilt when rerun)"
+            )
+
+    def built_from(self, stage: str, fingerprint: str | None) -> list[str]:
+        """The stages whose finished or partial folder records this version (``fingerprint``) of ``stage`` among
+        its inputs, in stage order."""
+        names = {p.parent.name.removesuffix(PARTIAL) for p in self.path.glob(f"*/{MANIFEST}")} - {stage}
+        found = set()
+        for name in names & set(MANIFESTS):
+            for folder in (self.folder(name), self.partial_folder(name)):
+                manifest = self.read(name, folder) if (folder / MANIFEST).is_file() else None
+                if manifest is not None and manifest.inputs.get(stage) == fingerprint:
+                    found.add(name)
+        return [name for name in MANIFESTS if name in found]
+
     def reusable(self, stage: str, config: Any, inputs: dict[str, str]) -> Manifest | None:
         """The stage's complete manifest when it was built with the same config identity and inputs (files
         checked), else None. Lets a stage return early before loading anything heavy."""

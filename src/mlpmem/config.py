@@ -51,6 +51,16 @@ def setting(default: Any, description: str, **kwargs: Any) -> Any:
     return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 
+def replace_setting() -> Any:
+    """``replace`` of the stages that refuse to replace a finished version later stages were built from
+    (``RunDir.refuse_replacing``)."""
+    return setting(
+        False,
+        "rebuild this stage although later stages were built from the finished one (they are rebuilt when rerun); "
+        "default: refused",
+    )
+
+
 class StageConfig(BaseModel):
     """Base of every stage config: unknown keys are errors, assignments are validated, no inf/nan numbers."""
 
@@ -105,6 +115,7 @@ class PrepareConfig(StageConfig):
     valid_fraction: float = Field(0.05, gt=0, lt=0.5, description="share carved for valid when the source has no split")
     test_fraction: float = Field(0.05, gt=0, lt=0.5, description="share carved for test when the source has no split")
     text_column: str = Field("text", description="column holding the text in a Hugging Face dataset")
+    replace: bool = replace_setting()
 
     @model_validator(mode="after")
     def _one_tokenizer(self) -> PrepareConfig:
@@ -160,6 +171,7 @@ class TrainLMConfig(LMTrainingConfig):
     warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
     eval_interval: int = Field(200, ge=1, description="steps between validation runs and checkpoints")
     eval_batches: int = Field(20, ge=1, description="validation micro-batches per validation run")
+    replace: bool = replace_setting()
 
 
 class EvaluateConfig(StageConfig):

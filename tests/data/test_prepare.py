@@ -134,3 +134,34 @@ def test_a_killed_prepare_is_not_taken_for_a_later_stage(tmp_path):
     assert (tmp_path / "prepare.partial" / "manifest.json").is_file()
     manifest = prepare(PrepareConfig(run_dir=tmp_path, train_tokenizer=320))
     assert manifest.vocab_size == 320 and not (tmp_path / "prepare.partial").exists()
+
+
+def test_an_edited_corpus_file_is_prepared_again_or_refused_under_later_stages(tmp_path, monkeypatch):
+    """A local corpus's text is an input of prepare: an edit rebuilds it (no later stage) or is refused (a later
+    stage was built from it) unless --replace; the same text is reused."""
+    from mlpmem.data import prepare as prepare_module
+
+    lines = bundled_wikitext2().splits["train"].splitlines(keepends=True)[:400]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(lines), encoding="utf-8")
+    config = PrepareConfig(run_dir=tmp_path / "run", corpus=str(corpus), train_tokenizer=300)
+    first = prepare(config)
+    assert prepare(config).fingerprint == first.fingerprint  # the same text: reused
+    corpus.write_text("".join(lines[:200] + ["an edited line\n"] + lines[200:]), encoding="utf-8")
+    second = prepare(config)
+    assert second.corpus_fingerprint != first.corpus_fingerprint
+    assert second.split_tokens("train") > first.split_tokens("train")  # the edit is in the train split
+    RunDir(config.run_dir).begin("train-lm", TrainLMConfig(), {"prepare": second.fingerprint})  # a later stage
+    corpus.write_text("".join(lines[:300]), encoding="utf-8")
+    with pytest.raises(
+        UsageError, match=r"this prepare differs \(its input corpus\): use a new --run-dir, or --replace"
+    ):
+        prepare(config)
+    assert RunDir(config.run_dir).read("prepare").fingerprint == second.fingerprint  # nothing lost
+    assert prepare(config.model_copy(update={"replace": True})).split_tokens("train") < first.split_tokens("train")
+    # a run prepared before the text was an input (inputs {}) with the same text is reused, not rebuilt
+    old_run = config.model_copy(update={"run_dir": tmp_path / "old"})
+    monkeypatch.setattr(prepare_module, "corpus_inputs", lambda run, corpus: {})
+    old = prepare(old_run)
+    monkeypatch.undo()
+    assert prepare(old_run).fingerprint == old.fingerprint and old.inputs == {}

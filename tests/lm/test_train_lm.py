@@ -231,3 +231,44 @@ def test_architecture_presets_have_the_gpt2_parameter_count():
 def test_head_dim_is_refused_for_a_gpt2(prepared):
     with pytest.raises(UsageError, match="head-dim applies to arch mom"):
         train_lm(TrainLMConfig(run_dir=prepared, n_embd=32, n_head=2, head_dim=8, max_steps=1))
+
+
+def test_a_finished_lm_that_later_stages_used_is_not_replaced_without_replace(prepared, capsys):
+    """Like prepare: another config (here another architecture and size) is refused, in one line naming what
+    differs, while a later stage was built from the finished LM; --replace rebuilds it."""
+    from mlpmem.cli import main
+    from mlpmem.config import DatastoreConfig
+
+    first = train_lm(TrainLMConfig(run_dir=prepared, **TINY))
+    RunDir(prepared).begin("datastore", DatastoreConfig(), {"train-lm": first.fingerprint})  # a later stage
+    before = weights(prepared)
+    capsys.readouterr()
+    argv = ["train-lm", "--run-dir", str(prepared), *(f"--{k}={v}" for k, v in TINY.items())]
+    assert main([*argv, "--arch", "gated-deltanet", "--n-head", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a finished train-lm that datastore was built from" in err
+    assert "differs (--arch, --n-head): use a new --run-dir, or --replace to rebuild it" in err
+    assert RunDir(prepared).read("train-lm").fingerprint == first.fingerprint
+    assert all(torch.equal(before[k], weights(prepared)[k]) for k in before)  # nothing lost
+    assert main([*argv, "--max-steps", "7", "--replace"]) == 0
+    assert RunDir(prepared).read("train-lm").steps == 7
+
+
+def test_continuing_from_a_folder_whose_weights_changed_trains_again(prepared, tmp_path):
+    """A local --model folder's content is an input: the LM is not 'reused' after the folder's weights change."""
+    from mlpmem.lm.load import model_fingerprint
+
+    train_lm(TrainLMConfig(run_dir=prepared, **TINY))
+    source = shutil.copytree(prepared / "train-lm" / "model", tmp_path / "source")
+    other = tmp_path / "other"
+    shutil.copytree(prepared / "prepare", other / "prepare")
+    config = TrainLMConfig(run_dir=other, model=str(source), **TINY)
+    first = train_lm(config)
+    assert first.inputs["model"] == model_fingerprint(source) and train_lm(config).fingerprint == first.fingerprint
+    tensors = load_file(source / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("ln_f.weight"))
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    second = train_lm(config)
+    assert second.inputs["model"] == model_fingerprint(source) != first.inputs["model"]
+    assert not torch.equal(weights(other)[name], load_file(prepared / "train-lm" / "model" / "model.safetensors")[name])

@@ -11,9 +11,9 @@ import numpy as np
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from mlpmem.artifacts import PARTIAL, RunDir, fingerprint_obj
+from mlpmem.artifacts import RunDir, fingerprint_obj
 from mlpmem.config import PrepareConfig
-from mlpmem.data.corpus import SPLITS, load_corpus
+from mlpmem.data.corpus import SPLITS, Corpus, load_corpus
 from mlpmem.data.tokens import token_dtype
 from mlpmem.errors import UsageError
 from mlpmem.hub import load_tokenizer
@@ -56,28 +56,38 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str, desc: str) -> np.ndarr
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def refuse_other_tokenizer(run: RunDir, config: PrepareConfig) -> None:
-    """A run whose later stages were built on another corpus/tokenizer is not silently re-prepared."""
+def load_source(config: PrepareConfig) -> Corpus:
+    return load_corpus(config.corpus, config.valid_fraction, config.test_fraction, config.text_column, config.include)
+
+
+def local_source(config: PrepareConfig) -> bool:
+    """Whether the corpus is the user's own text (a file or folder), which may be edited after prepare."""
+    return config.corpus not in ("wikitext-2-slice", "wikitext-2") and not config.corpus.startswith("hf:")
+
+
+def corpus_inputs(run: RunDir, corpus: Corpus | None) -> dict[str, str]:
+    """The stage's inputs: the fingerprint of a local corpus's split texts, so that an edited file is not taken
+    for the prepared one. A stage prepared before the text was an input keeps its inputs when its recorded
+    ``corpus_fingerprint`` is the text's."""
+    if corpus is None:
+        return {}
+    fingerprint = fingerprint_obj(corpus.splits)
     old = run.read("prepare")
-    downstream = [
-        p.parent.name
-        for p in run.path.glob("*/manifest.json")
-        if p.parent.name.removesuffix(PARTIAL) != "prepare" and not p.parent.name.startswith(".")
-    ]
-    if old is not None and old.config.identity() != config.identity() and downstream:
-        raise UsageError(
-            f"{run.path} was prepared with another corpus or tokenizer and has later stages; use a new --run-dir"
-        )
+    if old is not None and "corpus" not in old.inputs and old.corpus_fingerprint == fingerprint:
+        return {}
+    return {"corpus": fingerprint}
 
 
 def prepare(config: PrepareConfig) -> PrepareManifest:
     """Tokenize the corpus into RUN/prepare/{train,valid,test}.bin; returns the complete manifest."""
     run = RunDir(config.run_dir)
-    refuse_other_tokenizer(run, config)
-    build = run.begin("prepare", config, {})
+    corpus = load_source(config) if local_source(config) else None  # read first: its text is an input
+    inputs = corpus_inputs(run, corpus)
+    run.refuse_replacing("prepare", config, inputs)  # later stages built on another corpus/tokenizer/text
+    build = run.begin("prepare", config, inputs)
     if build.status == "complete":
         return build.manifest
-    corpus = load_corpus(config.corpus, config.valid_fraction, config.test_fraction, config.text_column, config.include)
+    corpus = corpus or load_source(config)
     if config.tokenizer is not None:
         tokenizer = load_tokenizer(config.tokenizer)
     else:

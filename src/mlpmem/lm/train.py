@@ -26,7 +26,7 @@ from mlpmem.data.prepare import vocab_fingerprint
 from mlpmem.data.tokens import open_split, tokenizer_dir
 from mlpmem.devices import resolve_device, resolve_dtype
 from mlpmem.errors import UsageError
-from mlpmem.lm.load import hub_revision, load_lm, load_tokenizer, max_positions, model_fingerprint
+from mlpmem.lm.load import hub_revision, load_lm, load_tokenizer, max_positions, model_fingerprint, require_model
 from mlpmem.manifests import PrepareManifest, TrainLMManifest
 from mlpmem.progress import progress
 from mlpmem.training import (
@@ -111,6 +111,14 @@ def build_model(config: TrainLMConfig, vocab_size: int, prepared_tokenizer_fp: s
     return model
 
 
+def source_model_input(config: TrainLMConfig) -> dict[str, str]:
+    """``{"model": content hash}`` of a local --model folder, so that its weights changing is not taken for the
+    LM trained from it (a hub id is named in the config)."""
+    if config.model is None or not Path(config.model).expanduser().exists():
+        return {}
+    return {"model": model_fingerprint(require_model(config.model))}
+
+
 def window_loss(model: PreTrainedModel, x: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of windows x [B, context + 1] (fp32 logits)."""
     out = model(input_ids=x[:, :-1])
@@ -159,9 +167,10 @@ def train_lm(config: TrainLMConfig) -> TrainLMManifest:
     """Train (or resume) the run's base LM; returns the complete manifest of RUN/train-lm."""
     run = RunDir(config.run_dir)
     prep: PrepareManifest = run.require("prepare")
-    inputs = {"prepare": prep.fingerprint}
+    inputs = {"prepare": prep.fingerprint, **source_model_input(config)}
     if (done := run.reusable("train-lm", config, inputs)) is not None:
         return done
+    run.refuse_replacing("train-lm", config, inputs)  # the datastore, memory... were built from the finished LM
     train, valid = open_split(config.run_dir, "train"), open_split(config.run_dir, "valid")
     check_inputs(config, train)
     model = build_model(config, prep.vocab_size, prep.tokenizer_fingerprint).train()  # validates before any write
