@@ -371,7 +371,11 @@ class ExportConfig(StageConfig):
 class LmEvalConfig(StageConfig):
     model: str = Field(..., description="folder written by `mlpmem export` (the base LM is the one inside it)")
     tasks: list[str] = Field(..., min_length=1, description="lm-evaluation-harness task names (or groups)")
-    include_path: FsPath | None = Field(None, description="folder of extra lm-eval task YAMLs (local tasks)")
+    include_path: FsPath | None = Field(
+        None,
+        description="folder of extra lm-eval task YAMLs (local tasks); trusted like code: a task's !function runs "
+        "Python from that folder",
+    )
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples; default: each task's own")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N documents of each task")
     batch_size: int = setting(8, "sequences per forward pass", ge=1)

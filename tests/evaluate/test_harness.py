@@ -144,3 +144,47 @@ def test_the_shipped_wikitext2_slice_task_runs_from_any_folder(exported, tmp_pat
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert rows[("wikitext2_slice", metric)] == rows[("reference_slice", metric)]
         assert np.isfinite(rows[("wikitext2_slice", metric)]).all()
+
+
+def one_line_exit_2(capsys, argv: list[str]) -> str:
+    """The error line of a command that must end in one line and exit 2 (lm-eval's own log lines may precede it)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.endswith("\n") and err.splitlines()[-1].startswith("mlpmem: error: ")
+    return err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "no tokenizer"])
+def test_a_damaged_export_is_one_line_and_exit_2(exported, tasks_dir, tmp_path, capsys, damage):
+    folder = Path(shutil.copytree(exported, tmp_path / "model"))
+    if damage == "truncated weights":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).unlink()
+    argv = ["lm-eval", "--model", str(folder), "--include-path", str(tasks_dir), "--tasks", "mlpmem_tiny_mc"]
+    err = one_line_exit_2(capsys, [*argv, "--device", "cpu", "--limit", "1"])
+    assert str(folder) in err and ("cannot load" in err if damage == "truncated weights" else "no tokenizer" in err)
+
+
+def test_a_model_whose_outputs_are_nan_does_not_exit_0(exported, tasks_dir, tmp_path, capsys):
+    """Finite weights (recorded as exported) whose memory logits overflow: every mixed log-prob is nan. The
+    multiple-choice accuracy over them is still a number, so the per-sample log-likelihoods are what is checked."""
+    model = load_exported(exported)
+    with torch.no_grad():
+        model.memory.norm.bias.fill_(3e38)  # finite; times head weights of both signs, the logits are inf - inf
+    assert torch.isnan(model(torch.tensor([[5, 6, 7]])).logits).all()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)  # records the sha256 of these weights: loading accepts them
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(exported / name, folder / name)
+    argv = ["lm-eval", "--model", str(folder), "--include-path", str(tasks_dir), "--tasks", "mlpmem_tiny_mc"]
+    err = one_line_exit_2(capsys, [*argv, "--device", "cpu", "--limit", "2"])
+    assert "nan" in err and "mlpmem_tiny_mc" in err and "mlp-memory" in err
+
+
+def test_the_include_path_help_says_it_is_trusted_like_code(capsys):
+    with pytest.raises(SystemExit):
+        main(["lm-eval", "--help"])
+    assert "trusted like code" in " ".join(capsys.readouterr().out.split())

@@ -181,6 +181,86 @@ def test_a_config_with_lambda_outside_0_1_is_refused(export_copy):
         load(export_copy)
 
 
+def edit_memory_weights(folder: Path, change) -> None:
+    """Rewrite the folder's memory head with ``change`` applied (the config, and its sha256, left as exported)."""
+    weights = load_file(folder / "model.safetensors")
+    change(weights["memory.head.weight"])
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda w: w.view(-1)[7].fill_(float("nan")), "memory.head.weight holds nan/inf"),
+        (lambda w: w.view(-1)[7].fill_(float("inf")), "memory.head.weight holds nan/inf"),
+        (lambda w: w.neg_(), "the memory's weights are not the ones exported"),  # finite, but not what was exported
+    ],
+)
+def test_damaged_memory_weights_are_refused(export_copy, change, message):
+    edit_memory_weights(export_copy, change)
+    with pytest.raises(UsageError, match=message) as err:
+        load(export_copy)
+    assert "\n" not in str(err.value)
+
+
+def test_the_export_records_the_memory_weights_sha256(exported):
+    """The recorded value is the sha256 of the memory's tensors, recomputed here with hashlib over the file's."""
+    import hashlib
+
+    weights = load_file(exported / "model.safetensors")
+    digest = hashlib.sha256()
+    for name in sorted(k for k in weights if k.startswith("memory.")):
+        t = weights[name].contiguous()
+        digest.update(f"{name.removeprefix('memory.')}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    assert json.loads((exported / "config.json").read_text())["memory_weights_sha256"] == digest.hexdigest()
+
+
+@pytest.mark.parametrize(
+    "memory_layer, key_layer, message",
+    [
+        ("transformer.h.1.ln_2", MEMORY_LAYER, "not the LM module the memory was trained on"),  # the other block
+        (None, MEMORY_LAYER, "not the LM module the memory was trained on"),
+        ("transformer.h.9.ln_2", "transformer.h.9.ln_2", "has no module 'transformer.h.9.ln_2'"),
+        ("transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_fc", "gives keys of width 128, the memory reads 32"),
+    ],
+)
+def test_an_edited_memory_layer_is_refused(export_copy, memory_layer, key_layer, message):
+    config = json.loads((export_copy / "config.json").read_text())
+    config["memory_layer"], config["memory_config"]["key_layer"] = memory_layer, key_layer
+    (export_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match=message) as err:
+        load(export_copy)
+    assert "\n" not in str(err.value)
+
+
+def test_a_truncated_weights_file_is_refused(export_copy):
+    data = (export_copy / "model.safetensors").read_bytes()
+    (export_copy / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError, match="cannot load .*only safetensors weights are read") as err:
+        load(export_copy)
+    assert "\n" not in str(err.value)
+
+
+def test_pickled_weights_are_never_unpickled(export_copy, tmp_path):
+    """A pytorch_model.bin whose unpickling would run code: refused by name, the code never runs."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (export_copy / "model.safetensors").unlink()
+    (export_copy / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UsageError, match=r"pickled weights \(pytorch_model.bin\)"):
+        load(export_copy)
+    with pytest.raises(UsageError):  # asked for explicitly, still not read
+        AutoModelForCausalLM.from_pretrained(export_copy, use_safetensors=False)
+    assert not marker.exists()
+
+
 # mlpmem export --knn: the folder also mixes in kNN-LM from the run's datastore and index -------------------------
 def export_knn(run: Path, out: Path) -> Path:
     """``mlpmem export --knn`` of ``run`` (memory λ = 0.4, k = 48; kNN-LM λ and T left to their defaults)."""

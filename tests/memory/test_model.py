@@ -104,6 +104,27 @@ def test_save_load_round_trip(tmp_path, ffn):
     assert AutoConfig.from_pretrained(tmp_path / "m").model_type == "mlp-memory"
 
 
+def test_a_memory_folder_with_nan_truncated_or_pickled_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "m"
+    small().save_pretrained(folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["blocks.1.ffn.up.weight"][2, 3] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UsageError, match="blocks.1.ffn.up.weight holds nan/inf"):
+        load_memory(folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:100])
+    with pytest.raises(UsageError, match="cannot load the memory") as err:
+        load_memory(folder)
+    assert "\n" not in str(err.value)
+    (folder / "model.safetensors").unlink()
+    torch.save(small().state_dict(), folder / "pytorch_model.bin")  # a pickle: never read
+    with pytest.raises(UsageError, match="only safetensors weights are read"):
+        load_memory(folder)
+
+
 def test_load_memory_finds_run_folder_and_refuses_missing(tmp_path):
     run = RunDir(tmp_path / "run")
     build = run.begin("train-memory", TrainMemoryConfig(), {})

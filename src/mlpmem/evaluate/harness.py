@@ -53,6 +53,21 @@ def load_exported(folder: str | Path, device: Any = "cpu") -> Any:
     return model.to(device).eval()
 
 
+def load_export_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer saved in an exported folder; UsageError (one line) when it is missing or unreadable."""
+    from transformers import AutoTokenizer
+
+    if not any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise UsageError(f"{folder} holds no tokenizer (tokenizer.json); re-export it (mlpmem export)", field="model")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(
+            f"cannot load the tokenizer of {folder}: {reason}; re-export it (mlpmem export)", field="model"
+        ) from None
+
+
 def task_manager(config: LmEvalConfig) -> Any:
     """lm-eval's TaskManager with mlpmem's shipped tasks (and ``include_path``); UsageError naming unknown tasks."""
     from lm_eval.tasks import TaskManager
@@ -75,14 +90,12 @@ def lm_eval_side_by_side(config: LmEvalConfig) -> SideBySide:
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise UsageError("lm-eval is not installed: pip install 'mlpmem[eval]'") from None
-    from transformers import AutoTokenizer
-
     from mlpmem.lm.load import max_positions
 
     manager = task_manager(config)
     device = resolve_device(config.device)
     joint = load_exported(config.model, device)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tokenizer = load_export_tokenizer(Path(config.model).expanduser())
     results = {}
     for name, model in zip(SYSTEMS, (joint.lm, joint)):
         lm = HFLM(
@@ -104,6 +117,7 @@ def lm_eval_side_by_side(config: LmEvalConfig) -> SideBySide:
     out = SideBySide(results, metric_rows(results))
     if config.out_path is not None:
         write_json(out, config)
+    check_finite_results(out)
     return out
 
 
@@ -116,6 +130,30 @@ def check_out_path(config: LmEvalConfig) -> None:
     if Path(config.out_path).expanduser().is_dir():
         raise UsageError(f"{config.out_path} is a folder; give the path of a JSON file", field="out_path")
     require_writable(config.out_path, "out_path")
+
+
+def check_finite_results(out: SideBySide) -> None:
+    """UsageError naming the first metric, else the first task whose per-sample result, is nan: a model whose
+    outputs are not numbers (an accuracy over nan log-likelihoods would still print as a number)."""
+    for task, metric, base, memory in out.rows:
+        for name, value in (("base", base), ("+ memory", memory)):
+            if math.isnan(value):
+                raise UsageError(f"lm-eval gave nan for {task} {metric} ({name}): the model's outputs are not numbers")
+    for name, result in out.results.items():
+        for task, samples in result.get("samples", {}).items():
+            if any(has_nan(sample.get("filtered_resps")) for sample in samples):
+                raise UsageError(
+                    f"lm-eval's {task} ({name}) scored nan log-likelihoods: the model's outputs are not numbers"
+                )
+
+
+def has_nan(value: Any) -> bool:
+    """Whether a (nested) lm-eval response holds a nan float."""
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, list | tuple):
+        return any(has_nan(v) for v in value)
+    return False
 
 
 def metric_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, float, float]]:

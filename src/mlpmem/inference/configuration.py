@@ -20,7 +20,8 @@ class MemoryAugmentedConfig(PretrainedConfig):
     """The base LM's config (``text_config``), the memory's (``memory_config``; None: no memory), the memory's
     weight ``lmbda``, the LM modules the memory (``memory_layer``) and kNN-LM read, the kNN-LM settings (``knn``:
     ``run_dir``, ``k``, ``knn_lmbda``, ``knn_temperature``, ``nprobe``, ``key_layer``; None: no kNN-LM), the base
-    model's fingerprint (the run's) and ``lm_weights_sha256`` (of the LM's tensors, checked at load)."""
+    model's fingerprint (the run's), ``lm_weights_sha256`` and ``memory_weights_sha256`` (of the LM's and the
+    memory's tensors, checked at load)."""
 
     model_type = MODEL_TYPE
     sub_configs = {"text_config": AutoConfig, "memory_config": MLPMemoryConfig}
@@ -34,6 +35,7 @@ class MemoryAugmentedConfig(PretrainedConfig):
         knn: dict[str, Any] | None = None,
         base_model_fingerprint: str | None = None,
         lm_weights_sha256: str | None = None,
+        memory_weights_sha256: str | None = None,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -47,6 +49,7 @@ class MemoryAugmentedConfig(PretrainedConfig):
         self.knn = dict(knn) if knn else None
         self.base_model_fingerprint = base_model_fingerprint
         self.lm_weights_sha256 = lm_weights_sha256
+        self.memory_weights_sha256 = memory_weights_sha256
         if text_config is not None:
             self.vocab_size = text_config.vocab_size
         kwargs.setdefault("tie_word_embeddings", False)  # the LM ties its own weights (lm.*)

@@ -14,8 +14,11 @@ With the KV cache each decode step forwards only the new token: the memory runs 
 to mix (no memory and no kNN-LM, or zero weights) the LM's own logits pass through unchanged.
 
 The folder holds the base LM's weights (``lm.*``) and the memory's (``memory.*``) in one safetensors file; its
-config the LM's config (``text_config``), the memory's, λ, the key layers and a fingerprint of the LM's weights,
-checked at load. kNN-LM is optional and not stored: ``knn`` names the run whose datastore and index it searches.
+config the LM's config (``text_config``), the memory's, λ, the key layers and the sha256 of the LM's and of the
+memory's weights. Loading reads safetensors only (never a pickle) and refuses, with one line, a damaged file,
+weights holding nan/inf, weights that are not the ones exported, and a ``memory_layer`` the memory was not trained
+on, that the LM lacks or whose width is not the memory's input. kNN-LM is optional and not stored: ``knn`` names
+the run whose datastore and index it searches.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -34,7 +38,7 @@ from mlpmem.errors import UsageError
 from mlpmem.hf_cache import CACHE_ARG, CACHE_FIELD, cache_of, pop_cache
 from mlpmem.inference.configuration import MemoryAugmentedConfig, check_weights
 from mlpmem.inference.mixing import mix_log_probs
-from mlpmem.lm.keys import KeyHook, key_module_path
+from mlpmem.lm.keys import KeyHook, key_dim, key_module_path
 from mlpmem.memory.model import MLPMemory, MLPMemoryConfig
 
 
@@ -124,26 +128,71 @@ class MemoryAugmentedForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
-        """Load an exported folder; its base LM's weights are checked (present, and the ones exported) and its
-        kNN-LM (when ``config.knn``) attached from the run named there. UsageError (one line) otherwise."""
+        """Load an exported folder (its safetensors only: pickled weights are never read), check it
+        (``check_loaded``) and attach its kNN-LM (when ``config.knn``) from the run named there. UsageError (one
+        line) for a folder that cannot be read or fails a check."""
+        where = pretrained_model_name_or_path
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        kwargs["use_safetensors"] = True  # a pytorch_model.bin is a pickle: never unpickled, whatever the caller asks
+        refuse_pickled_weights(Path(where))
+        try:
+            model, info = super().from_pretrained(where, *args, output_loading_info=True, **kwargs)
+        except (OSError, ValueError, SafetensorError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UsageError(
+                f"cannot load {where}: {reason} (only safetensors weights are read); re-export it (mlpmem export)"
+            ) from None
         missing = [k for k in info.get("missing_keys", ()) if k not in model.all_tied_weights_keys]
         if missing:
             part = "base LM" if missing[0].startswith("lm.") else "memory"
             raise UsageError(
-                f"{pretrained_model_name_or_path}: the {part}'s weights are missing ({len(missing)} tensors, e.g. "
+                f"{where}: the {part}'s weights are missing ({len(missing)} tensors, e.g. "
                 f"{missing[0]}); re-export it (mlpmem export)"
             )
-        expected = model.config.lm_weights_sha256
-        if expected is not None and weights_sha256(model.lm) != expected:
-            raise UsageError(
-                f"{pretrained_model_name_or_path}: the base LM's weights are not the ones exported with this memory "
-                "(another model's?); re-export it (mlpmem export)"
-            )
+        model.check_loaded(where)
         if model.config.knn:
             model.attach_knn()
         return (model, info) if want_info else model
+
+    def check_loaded(self, where: str | Path) -> None:
+        """UsageError (one line) unless the loaded weights are finite and the ones exported (their recorded
+        sha256), and the memory reads the LM module it was trained on, which the LM has, at the memory's width."""
+        from mlpmem.training import non_finite_parameter
+
+        if (name := non_finite_parameter(self)) is not None:
+            raise UsageError(f"{where}: weight {name} holds nan/inf (damaged); re-export it (mlpmem export)")
+        for part, module, expected in (
+            ("base LM", self.lm, self.config.lm_weights_sha256),
+            ("memory", self.memory, self.config.memory_weights_sha256),
+        ):
+            if module is not None and expected is not None and weights_sha256(module) != expected:
+                raise UsageError(
+                    f"{where}: the {part}'s weights are not the ones exported (damaged, edited or another model's); "
+                    "re-export it (mlpmem export)"
+                )
+        if self.memory is not None:
+            self.check_memory_layer(where)
+
+    def check_memory_layer(self, where: str | Path) -> None:
+        """UsageError unless ``config.memory_layer`` is the module the memory was trained on (its config's
+        ``key_layer``), the LM has it, and its width is the memory's input width."""
+        layer, memory_config = self.config.memory_layer, self.config.memory_config
+        trained = memory_config.key_layer
+        if layer is None or (trained is not None and layer != trained):
+            raise UsageError(
+                f"{where}: memory_layer {layer!r} is not the LM module the memory was trained on ({trained!r}); "
+                "re-export it (mlpmem export)"
+            )
+        try:
+            self.lm.get_submodule(layer)
+        except AttributeError:
+            raise UsageError(f"{where}: the base LM has no module {layer!r} (memory_layer)") from None
+        width = key_dim(self.lm, layer)
+        if width != memory_config.input_dim:
+            raise UsageError(
+                f"{where}: memory_layer {layer!r} gives keys of width {width}, the memory reads "
+                f"{memory_config.input_dim}; re-export it (mlpmem export)"
+            )
 
     def attach_knn(self) -> None:
         """The kNN-LM retriever of ``config.knn`` (its run's datastore and index, checked against the base model)."""
@@ -258,11 +307,28 @@ class MemoryAugmentedForCausalLM(PreTrainedModel, GenerationMixin):
         return self.lm.get_output_embeddings()
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
-        """save_pretrained with the fingerprint of the LM's weights recorded in the config (checked at load)."""
+        """save_pretrained with the sha256 of the LM's and the memory's weights recorded in the config (checked at
+        load)."""
         if self.memory is not None and not isinstance(self.memory, MLPMemory):
             raise UsageError("only a float MLPMemory can be saved (not a quantised or compiled copy)")
         self.config.lm_weights_sha256 = weights_sha256(self.lm)
+        self.config.memory_weights_sha256 = weights_sha256(self.memory) if self.memory is not None else None
         super().save_pretrained(save_directory, *args, **kwargs)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """UsageError naming the pickled weights file of a local folder that holds no safetensors weights."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UsageError(
+            f"{folder} holds pickled weights ({pickles[0]}) and no model.safetensors: pickles are never loaded, "
+            "only safetensors; re-export it (mlpmem export)"
+        )
 
 
 def mixed_nll(log_probs: torch.Tensor, labels: torch.Tensor, num_items: Any = None) -> torch.Tensor:

@@ -136,9 +136,13 @@ def check_pairing(memory_config: MLPMemoryConfig, lm: PreTrainedModel, model_fin
 
 def load_memory(path_or_run_dir: str | Path, device: torch.device | str = "cpu") -> MLPMemory:
     """A trained memory in eval mode from a run directory (files checked against its manifest), its
-    ``train-memory`` folder, or any save_pretrained folder."""
+    ``train-memory`` folder, or any save_pretrained folder. Its safetensors only (never a pickle); UsageError (one
+    line) for weights that cannot be read or hold nan/inf."""
+    from safetensors import SafetensorError
+
     from mlpmem.artifacts import RunDir
     from mlpmem.manifests import TrainMemoryManifest
+    from mlpmem.training import non_finite_parameter
 
     path = Path(path_or_run_dir).expanduser()
     if (path / "train-memory").exists():
@@ -154,7 +158,14 @@ def load_memory(path_or_run_dir: str | Path, device: torch.device | str = "cpu")
     model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type != MLPMemoryConfig.model_type:
         raise UsageError(f"{folder} holds a {model_type!r} model, not an MLP memory")
-    return MLPMemory.from_pretrained(folder).to(device).eval()
+    try:
+        memory = MLPMemory.from_pretrained(folder, use_safetensors=True)
+    except (OSError, ValueError, SafetensorError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"cannot load the memory in {folder}: {reason} (only safetensors weights are read)") from None
+    if (name := non_finite_parameter(memory)) is not None:
+        raise UsageError(f"{folder}: the memory's weight {name} holds nan/inf (damaged); retrain it")
+    return memory.to(device).eval()
 
 
 AutoModel.register(MLPMemoryConfig, MLPMemory, exist_ok=True)
