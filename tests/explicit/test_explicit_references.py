@@ -1,6 +1,8 @@
 """References and their retrievers: the cut, BM25 and dense retrieval against independent references, the query
 protocol (no token retrieves with its own future), and the explicit-memories stage (layout, resume)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from mlpmem.explicit import memories as memories_mod
 from mlpmem.explicit.encode import encode_batch
 from mlpmem.explicit.memories import build_explicit_memories
 from mlpmem.explicit.references import build_references, cut
-from mlpmem.explicit.retriever import BM25Retriever, overlapping, queries_before, retrieve
+from mlpmem.explicit.retriever import BM25_DIR, BM25Retriever, overlapping, queries_before, retrieve
 from mlpmem.lm.load import load_lm
 
 from explicit_inputs import explicit_run
@@ -153,3 +155,35 @@ def test_a_reference_that_does_not_fit_the_lm_s_positions_with_its_marker_is_ref
     with pytest.raises(UsageError) as err:
         build_explicit_memories(ExplicitMemoriesConfig(run_dir=run, device="cpu"))
     assert err.value.field == "marker"
+
+
+def forge_file(run, stage: str, name: str, write) -> None:
+    """Replace a stage's file by ``write(path)`` and record the new file in its manifest, checksum included (a
+    manifest forged to match: what a content hash cannot catch)."""
+    from mlpmem.artifacts import checksum, file_sha256, read_json
+
+    folder = RunDir(run).folder(stage)
+    write(folder / name)
+    manifest = read_json(folder / "manifest.json")
+    manifest["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+    manifest["checksum"] = checksum(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    RunDir(run).require(stage)  # the forged manifest passes its own checks
+
+
+@pytest.mark.parametrize(
+    "array, write",
+    [
+        ("data", lambda p: np.save(p, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)),
+        ("indices", lambda p: np.save(p, np.load(p) + 10_000)),  # reference ids beyond the 38 references
+        ("indptr", lambda p: np.save(p, np.load(p)[::-1].copy())),  # term pointers that descend
+    ],
+)
+def test_a_bm25_index_that_is_not_one_is_refused_in_one_line(run, array, write):
+    """An object array (a pickle) behind a forged manifest is never unpickled; numeric arrays that do not form
+    the index are refused too, instead of an IndexError at the first query."""
+    build_references(ReferencesConfig(run_dir=run, chunk_tokens=32, recall_samples=0))
+    forge_file(run, "references", f"{BM25_DIR}/{array}.csc.index.npy", write)
+    with pytest.raises(UsageError, match="is not a readable BM25 index") as err:
+        BM25Retriever.load(RunDir(run).file("references", BM25_DIR))
+    assert "\n" not in err.value.for_cli() and "rerun `mlpmem references`" in str(err.value)

@@ -21,6 +21,8 @@ from typing import Protocol
 
 import numpy as np
 
+from mlpmem.errors import UsageError
+
 BM25_DIR = "bm25"
 
 
@@ -59,6 +61,19 @@ def overlapping(source_start: np.ndarray, lengths: np.ndarray, begin: int, end: 
     return cand[covered > share * (end - begin)]
 
 
+def check_index_arrays(scores: dict) -> None:
+    """ValueError unless bm25s' sparse arrays are 1-D numbers whose ``indptr`` (per term) ascends from 0 to the
+    entry count and whose reference ids lie in [0, num_docs)."""
+    data, indices, indptr, n_docs = (scores[k] for k in ("data", "indices", "indptr", "num_docs"))
+    kinds = (data.dtype.kind in "f", indices.dtype.kind in "iu", indptr.dtype.kind in "iu")
+    if not all(kinds) or any(a.ndim != 1 for a in (data, indices, indptr)) or not len(indptr):
+        raise ValueError("its arrays are not 1-D arrays of scores and ids")
+    if indptr[0] != 0 or indptr[-1] != len(indices) or len(data) != len(indices) or np.any(np.diff(indptr) < 0):
+        raise ValueError("its term pointers do not cover its entries")
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= int(n_docs)):
+        raise ValueError(f"a reference id lies outside [0, {n_docs})")
+
+
 class BM25Retriever:
     """BM25 over references whose terms are token ids (``bm25s``)."""
 
@@ -79,9 +94,20 @@ class BM25Retriever:
 
     @classmethod
     def load(cls, folder: Path) -> BM25Retriever:
+        """The index saved in ``folder``, its arrays never unpickled; UsageError (one line) when it cannot be read
+        or its arrays do not form a term-by-reference index."""
         import bm25s
 
-        return cls(bm25s.BM25.load(str(folder)))
+        try:
+            model = bm25s.BM25.load(str(folder), allow_pickle=False)
+            check_index_arrays(model.scores)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UsageError(
+                f"{folder} is not a readable BM25 index ({reason}); remove {Path(folder).parent} and rerun "
+                "`mlpmem references`"
+            ) from None
+        return cls(model)
 
     def search(self, queries: Sequence[np.ndarray], k: int) -> np.ndarray:
         from bm25s.tokenization import Tokenized
