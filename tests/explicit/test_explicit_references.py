@@ -2,6 +2,7 @@
 protocol (no token retrieves with its own future), and the explicit-memories stage (layout, resume)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -155,6 +156,30 @@ def test_a_reference_that_does_not_fit_the_lm_s_positions_with_its_marker_is_ref
     with pytest.raises(UsageError) as err:
         build_explicit_memories(ExplicitMemoriesConfig(run_dir=run, device="cpu"))
     assert err.value.field == "marker"
+
+
+def damage(path, dtype, every: int, value: int) -> None:
+    """Every ``every``-th id of a raw token file set to ``value`` (after its stage completed: not re-hashed)."""
+    data = np.memmap(path, dtype=dtype, mode="r+")
+    data[5::every] = value
+    data.flush()
+
+
+def test_an_id_outside_the_vocabulary_is_one_line_naming_its_file(run):
+    """references/ids.bin read by explicit-memories, and prepare/train.bin copied into references: the file named,
+    not an IndexError inside the LM's embedding."""
+    build_references(ReferencesConfig(run_dir=run, chunk_tokens=32, recall_samples=0))
+    ids_path = run / "references" / "ids.bin"
+    damage(ids_path, np.uint16, 300, 500)
+    with pytest.raises(UsageError) as err:
+        build_explicit_memories(ExplicitMemoriesConfig(run_dir=run, keep_tokens=4, device="cpu"))
+    message = err.value.for_cli()
+    assert message.startswith(f"{ids_path} holds token id 500, outside the vocabulary [0, 96)") and "\n" not in message
+    assert message.endswith("rerun `mlpmem references`")
+
+    damage(run / "prepare" / "train.bin", np.uint16, 300, 500)
+    with pytest.raises(UsageError, match=re.escape(f"{run / 'prepare' / 'train.bin'} holds token id 500")):
+        build_references(ReferencesConfig(run_dir=run, chunk_tokens=16, recall_samples=0))
 
 
 def forge_file(run, stage: str, name: str, write) -> None:

@@ -94,3 +94,21 @@ def test_a_chunk_longer_than_the_window_is_one_line(tmp_path, capsys):
     assert "--chunk-tokens: chunk_tokens (65) exceeds the training window (64 tokens)" in err and err.count("\n") == 1
     assert not (path / "train-explicit.partial").exists() and not (path / "train-explicit").exists()
     assert main([*argv, "--chunk-tokens", "64", "--eval-batches", "1"]) == 0  # a window of one whole chunk is fine
+
+
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_an_id_outside_the_vocabulary_is_one_line_naming_its_file(tmp_path, split):
+    """prepare/SPLIT.bin damaged after prepare completed (after the references were cut): the retrieval of the
+    training chunks (train) or the first validation (valid) names the file, not an IndexError in the LM."""
+    from mlpmem.errors import UsageError
+
+    path = memory_run(tmp_path / "run")
+    tokens = np.memmap(path / "prepare" / f"{split}.bin", dtype=np.uint16, mode="r+")
+    tokens[3::40] = 777
+    tokens.flush()
+    with pytest.raises(UsageError) as err:
+        train_mod.train_explicit(TrainExplicitConfig(run_dir=path, **CONFIG))
+    message = err.value.for_cli()
+    assert "\n" not in message
+    assert message.startswith(f"{path / 'prepare' / f'{split}.bin'} holds token id 777, outside the vocabulary [0, 96)")
+    assert not (path / "train-explicit").exists()

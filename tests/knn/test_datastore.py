@@ -133,6 +133,22 @@ def test_tokens_beyond_the_lm_vocabulary_are_refused(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_damaged_token_file_is_one_line_and_exit_2(tiny_run, capsys):
+    """An id beyond the vocabulary in the middle of prepare/train.bin (raw arrays are not hashed on every read):
+    refused by the forward core with the file named, not an IndexError inside the embedding."""
+    from mlpmem.cli import main
+
+    tokens = np.memmap(tiny_run / "prepare" / "train.bin", dtype=np.uint16, mode="r+")
+    tokens[1700] = TINY_VOCAB + 3
+    tokens.flush()
+    assert main(["datastore", "--run-dir", str(tiny_run), "--device", "cpu"]) == 2
+    out = capsys.readouterr().err
+    err = out.splitlines()[-1]  # after the progress bar
+    assert err.startswith("mlpmem: error: ") and "Traceback" not in out
+    assert f"train.bin holds token id {TINY_VOCAB + 3}, outside the vocabulary [0, {TINY_VOCAB})" in err
+    assert not (tiny_run / "datastore").exists()
+
+
 def test_lm_with_nan_weights_is_refused(tiny_run):
     """NaN weights written into the trained LM: refused (by its content hash) before any key is stored."""
     model = load_lm(run_lm_dir(tiny_run))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+import torch
 
 import mlpmem.knn.targets as targets_mod
 from mlpmem.artifacts import RunDir, read_json
@@ -135,3 +138,36 @@ def test_bad_inputs_are_one_line(tmp_path):
     with pytest.raises(UsageError, match="index was built from another version of datastore") as err:
         build_targets(TargetsConfig(run_dir=run, k=5))
     assert "\n" not in str(err.value)
+
+
+def damaged_values_run(tmp_path, vocab: int = 12):
+    """A run whose prepare stage records a ``vocab``-token vocabulary and whose datastore values hold one id
+    beyond it (entry 77: in the second chunk of 64, and every entry is some query's neighbour under k = 8)."""
+    from mlpmem.config import PrepareConfig
+
+    prepare = RunDir(tmp_path).begin("prepare", PrepareConfig(corpus="synthetic", train_tokenizer=300), {})
+    prepare.add_array("train", "uint16", (2,))[:] = 0
+    prepare.complete(vocab_size=vocab)
+    keys, values = random_datastore(n=200, d=8, vocab=vocab)
+    values[77] = vocab + 5
+    return make_run(tmp_path, keys, values)
+
+
+def test_a_datastore_value_outside_the_vocabulary_is_one_line_naming_its_file(tmp_path):
+    from mlpmem.knn.retriever import load_knn
+    from mlpmem.knn.targets import SearchedTargets
+
+    run = damaged_values_run(tmp_path)
+    values_path = run / "datastore" / "values.bin"
+    expected = f"{values_path} holds token id 17, outside the vocabulary [0, 12)"
+    for store in (True, False):
+        with pytest.raises(UsageError, match=re.escape(expected)) as err:
+            targets = build_targets(TargetsConfig(run_dir=run, k=8, store=store, chunk_size=64))
+            SearchedTargets(run, targets).rows(np.arange(200), "cpu", torch.zeros(200, 8))  # store false
+        assert "\n" not in err.value.for_cli() and err.value.for_cli().endswith("rerun `mlpmem datastore`")
+    retriever, _ = load_knn(RunDir(run), "synthetic", k=8)
+    queries = RunDir(run).array("datastore", "keys")[70:90]  # entry 77's own key finds it
+    with pytest.raises(UsageError, match=re.escape(expected)):
+        retriever.gold_log_probs(queries, np.zeros(20, dtype=np.int64), [1.0])
+    with pytest.raises(UsageError, match=re.escape(expected)):
+        retriever.log_probs(torch.tensor(queries), 12)

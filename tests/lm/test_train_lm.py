@@ -191,6 +191,24 @@ def test_model_with_nan_weights_is_refused(prepared, tmp_path):
     assert "\n" not in str(err.value) and "ln_f" in str(err.value)
 
 
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_a_token_id_outside_the_vocabulary_is_one_line_naming_its_file(prepared, split):
+    """prepare/SPLIT.bin damaged after prepare completed (raw arrays are not hashed on every read): every 20th id
+    is 65000, beyond the 300-token vocabulary, so the first batch (train) or validation (valid) reads one."""
+    import numpy as np
+
+    path = prepared / "prepare" / f"{split}.bin"
+    tokens = np.memmap(path, dtype=np.uint16, mode="r+")
+    tokens[::20] = 65000
+    tokens.flush()
+    with pytest.raises(UsageError) as err:
+        train_lm(TrainLMConfig(run_dir=prepared, **TINY))
+    message = err.value.for_cli()
+    assert "\n" not in message and message.startswith(f"{path} holds token id 65000, outside the vocabulary [0, 300)")
+    assert message.endswith(f"remove {prepared / 'prepare'} and rerun `mlpmem prepare`")
+    assert not (prepared / "train-lm").exists()
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from mlpmem.data.tokens import check_token_ids, source_of
+
 
 def top_tokens(q: torch.Tensor, k: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices [H, keep] (ascending) of the keys most attended to: q, k [H, n, d]; rank of j: logsumexp_i q_i.k_j/√d
@@ -76,7 +78,8 @@ def encode_references(
     batch_size: int = 16,
 ) -> np.ndarray:
     """float16 memories [len(references), layers, 2, H, keep, d] of references given by ``ids``/``offsets``
-    (reference r is ids[offsets[r]:offsets[r + 1]]); batches group references of equal length."""
+    (reference r is ids[offsets[r]:offsets[r + 1]]); batches group references of equal length. UsageError naming
+    the file of ``ids`` (a memmap) when one lies outside the LM's vocabulary."""
     device = next(lm.parameters()).device
     lengths = offsets[np.asarray(references) + 1] - offsets[np.asarray(references)]
     out: list[np.ndarray | None] = [None] * len(references)
@@ -85,6 +88,7 @@ def encode_references(
         for i in range(0, len(rows), batch_size):
             batch = rows[i : i + batch_size]
             x = np.stack([ids[offsets[references[j]] : offsets[references[j] + 1]] for j in batch]).astype(np.int64)
+            check_token_ids(x, lm.config.vocab_size, source_of(ids))
             kv = encode_batch(lm, torch.from_numpy(x).to(device), marker_ids, memory_layers, keep)
             for j, memory in zip(batch, kv.float().cpu().numpy().astype(np.float16)):
                 out[j] = memory

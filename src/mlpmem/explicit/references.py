@@ -19,7 +19,7 @@ import numpy as np
 
 from mlpmem.artifacts import RunDir, StageBuild
 from mlpmem.config import ReferencesConfig
-from mlpmem.data.tokens import token_dtype, tokenizer_dir
+from mlpmem.data.tokens import check_token_ids, source_of, token_dtype, tokenizer_dir
 from mlpmem.devices import resolve_device
 from mlpmem.errors import UsageError
 from mlpmem.explicit.retriever import (
@@ -33,6 +33,8 @@ from mlpmem.explicit.retriever import (
 )
 from mlpmem.manifests import ReferencesManifest
 from mlpmem.progress import progress
+
+COPY_BLOCK = 1 << 24  # tokens copied (and checked) at a time from the cut stream into ids
 
 
 def cut(n_tokens: int, chunk_tokens: int) -> np.ndarray:
@@ -70,7 +72,10 @@ def build_references(config: ReferencesConfig) -> ReferencesManifest:
         raise UsageError(f"{source} has {len(tokens)} tokens: not one reference of {config.chunk_tokens}")
     build = run.begin("references", config, inputs)
     ids = build.add_array("ids", token_dtype(prepare.vocab_size).name, (int(offsets[-1]),))
-    ids[:] = tokens[: offsets[-1]]
+    for a in range(0, len(ids), COPY_BLOCK):  # each block's ids checked as it is copied
+        block = np.asarray(tokens[a : min(a + COPY_BLOCK, len(ids))])
+        check_token_ids(block, prepare.vocab_size, source_of(tokens))
+        ids[a : a + len(block)] = block
     ids.flush()
     for name, data in (("offsets", offsets), ("source_start", offsets[:-1])):
         array = build.add_array(name, "int64", data.shape)

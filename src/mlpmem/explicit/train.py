@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from mlpmem.artifacts import METRICS, RunDir, StageBuild
 from mlpmem.checkpoints import load_checkpoint, save_checkpoint, save_pretrained_atomically
 from mlpmem.config import TrainExplicitConfig
+from mlpmem.data.tokens import check_token_ids, source_of
 from mlpmem.devices import resolve_device, resolve_dtype
 from mlpmem.errors import UsageError
 from mlpmem.explicit.model import ExplicitMemoryLM
@@ -48,8 +49,11 @@ log = logging.getLogger(__name__)
 RETRIEVAL_CHUNK = 4096  # training chunks retrieved per resumable piece
 
 
-def retrieve_training_chunks(build: StageBuild, store: MemoryStore, tokens: np.ndarray, config: TrainExplicitConfig):
-    """``chunk_refs`` [n_chunks]: the one reference each chunk of the train split retrieves (resumable)."""
+def retrieve_training_chunks(
+    build: StageBuild, store: MemoryStore, tokens: np.ndarray, config: TrainExplicitConfig, vocab_size: int
+):
+    """``chunk_refs`` [n_chunks]: the one reference each chunk of the train split retrieves (resumable); the ids
+    of each piece are checked against the LM's ``vocab_size`` as they are read (a query reads the piece before)."""
     n = len(tokens) // config.chunk_tokens
     out = build.add_array("chunk_refs", "int64", (n,))
     same_stream = store.source == "split:train"
@@ -58,6 +62,7 @@ def retrieve_training_chunks(build: StageBuild, store: MemoryStore, tokens: np.n
         if piece in done:
             continue
         starts = [c * config.chunk_tokens for c in range(a, min(a + RETRIEVAL_CHUNK, n))]
+        check_token_ids(tokens[starts[0] : starts[-1] + config.chunk_tokens], vocab_size, source_of(tokens))
         exclude = None
         if same_stream:
             span = config.chunk_tokens
@@ -79,8 +84,11 @@ def window_loss(model, x: torch.Tensor, memory=None) -> torch.Tensor:
 class Batches:
     """Training windows (chunk-aligned, the same for both models) and their memories."""
 
-    def __init__(self, config: TrainExplicitConfig, tokens: np.ndarray, store: MemoryStore, chunk_refs, context: int):
+    def __init__(
+        self, config: TrainExplicitConfig, tokens: np.ndarray, store: MemoryStore, chunk_refs, context: int, vocab_size
+    ):
         self.config, self.tokens, self.store, self.chunk_refs, self.context = config, tokens, store, chunk_refs, context
+        self.vocab_size = vocab_size  # the LM's: every window's ids are checked against it
         self.n_chunks = -(-context // config.chunk_tokens)
         self.last_first = (len(tokens) - context - 1) // config.chunk_tokens
 
@@ -88,7 +96,9 @@ class Batches:
         rng = np.random.default_rng([self.config.seed, step])
         first = rng.integers(0, self.last_first + 1, size=self.config.batch_size)  # first chunk of each window
         starts = first * self.config.chunk_tokens
-        x = torch.from_numpy(np.stack([self.tokens[s : s + self.context + 1].astype(np.int64) for s in starts]))
+        x = np.stack([self.tokens[s : s + self.context + 1].astype(np.int64) for s in starts])
+        check_token_ids(x, self.vocab_size, source_of(self.tokens))
+        x = torch.from_numpy(x)
         if not with_memory:
             return x, None
         c = self.config
@@ -104,7 +114,9 @@ def validation(model, store: MemoryStore | None, valid: np.ndarray, config: Trai
     n = max(1, min(config.eval_batches * config.batch_size, (len(valid) - 1) // context))
     losses, mass = [], []
     for w in range(n):
-        x = torch.from_numpy(valid[w * context : w * context + context + 1].astype(np.int64))[None].to(device)
+        x = valid[w * context : w * context + context + 1].astype(np.int64)
+        check_token_ids(x, getattr(model, "module", model).config.vocab_size, source_of(valid))
+        x = torch.from_numpy(x)[None].to(device)
         memory = None
         if store is not None:
             memory = reading_memory(store, valid, w * context, context, 5, config.chunk_tokens)
@@ -195,8 +207,8 @@ def train_explicit(config: TrainExplicitConfig) -> TrainExplicitManifest:
     mem = manifests["explicit-memories"]
     store = MemoryStore.open(run, lm)
     build = run.begin("train-explicit", config, inputs)
-    chunk_refs = retrieve_training_chunks(build, store, np.asarray(train), config)
-    batches = Batches(config, train, store, chunk_refs, context)
+    chunk_refs = retrieve_training_chunks(build, store, train, config, lm.config.vocab_size)
+    batches = Batches(config, train, store, chunk_refs, context, lm.config.vocab_size)
     precision = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[
         resolve_dtype(config.dtype, device)
     ]
@@ -212,7 +224,7 @@ def train_explicit(config: TrainExplicitConfig) -> TrainExplicitManifest:
         if not (build.dir / name / "model.safetensors").is_file():
             torch.manual_seed(config.seed)
             model = ExplicitMemoryLM.from_lm(load_lm(run_lm_dir(run.path), "cpu"), **settings).train()
-            train_one(name, model, batches, with_memory, build, config, np.asarray(valid), context, accelerator)
+            train_one(name, model, batches, with_memory, build, config, valid, context, accelerator)
     return build.complete(
         context=context,
         steps=config.max_steps,

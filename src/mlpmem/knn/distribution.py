@@ -12,15 +12,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mlpmem.data.tokens import check_token_ids, source_of
+
 ArrayLike = np.ndarray | torch.Tensor
 
 
-def neighbour_values(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Values [Q, k] int64 of neighbour ids [Q, k] (ids -1 -> value -1); ``values`` may be a memmap."""
+def neighbour_values(values: np.ndarray, ids: np.ndarray, vocab_size: int | None = None) -> np.ndarray:
+    """Values [Q, k] int64 of neighbour ids [Q, k] (ids -1 -> value -1); ``values`` may be a memmap. With
+    ``vocab_size``, the values read are checked to be token ids (UsageError naming a memmap's file)."""
     ids = np.asarray(ids)
     found = ids >= 0
     out = np.full(ids.shape, -1, dtype=np.int64)
     out[found] = np.asarray(values[ids[found]], dtype=np.int64)
+    check_token_ids(out, vocab_size, source_of(values), lowest=-1)
     return out
 
 

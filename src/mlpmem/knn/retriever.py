@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mlpmem.artifacts import RunDir
+from mlpmem.data.tokens import prepared_vocab_size
 from mlpmem.errors import UsageError
 from mlpmem.manifests import DatastoreManifest
 
@@ -29,7 +30,8 @@ class KnnRetriever:
 
     ``values`` [N] are the datastore's next tokens (int; RAM or memmap); ``k`` neighbours, ``nprobe`` IVF lists
     (None: the index's own), ``temperature`` T of softmax(-d/T) over squared L2 distances; ``stored_keys`` (the
-    datastore's keys [N, d]) re-rank the neighbours with exact distances when given.
+    datastore's keys [N, d]) re-rank the neighbours with exact distances when given. With ``vocab_size`` (of the
+    prepared tokens), every value read is checked to be a token id (UsageError naming the values' file).
     """
 
     index: Any
@@ -38,6 +40,7 @@ class KnnRetriever:
     temperature: float = DEFAULT_KNN_TEMPERATURE
     nprobe: int | None = None
     stored_keys: np.ndarray | None = None
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.k > int(self.index.ntotal):
@@ -60,7 +63,8 @@ class KnnRetriever:
         from mlpmem.knn.distribution import knn_log_probs_dense, neighbour_values
 
         dists, ids = self.search(keys.detach().float().cpu().numpy())  # [Q, k] each
-        dense = knn_log_probs_dense(dists, neighbour_values(self.values, ids), self.temperature, vocab_size)
+        limit = vocab_size if self.vocab_size is None else min(vocab_size, self.vocab_size)
+        dense = knn_log_probs_dense(dists, neighbour_values(self.values, ids, limit), self.temperature, vocab_size)
         return dense.to(keys.device)
 
     def gold_log_probs(self, keys: np.ndarray, gold: np.ndarray, temperatures: list[float]) -> np.ndarray:
@@ -68,7 +72,7 @@ class KnnRetriever:
         from mlpmem.knn.distribution import knn_log_prob_of, neighbour_values
 
         dists, ids = self.search(keys)
-        values = neighbour_values(self.values, ids)
+        values = neighbour_values(self.values, ids, self.vocab_size)
         out = np.empty((len(gold), len(temperatures)), dtype=np.float32)
         for t, temperature in enumerate(temperatures):
             out[:, t] = np.asarray(knn_log_prob_of(dists, values, gold, temperature))
@@ -94,7 +98,7 @@ def load_knn(
     rerank: bool = False,
     temperature: float = DEFAULT_KNN_TEMPERATURE,
 ) -> tuple[KnnRetriever, DatastoreManifest]:
-    """The run's index and datastore values (in RAM: one gather per step) as a retriever, and the datastore's
+    """The run's index and datastore values (memory-mapped: one gather per step) as a retriever, and the datastore's
     manifest (its ``key_layer`` says which LM module the queries must come from).
 
     Refused with one line: a datastore built with another model than ``model_fingerprint``; ``k`` larger than the
@@ -107,6 +111,8 @@ def load_knn(
     if rerank and "keys" not in datastore.arrays:
         raise UsageError("re-ranking needs stored keys; this datastore streams them (--keys streamed)", field="rerank")
     index, _ = load_index(run.path)
-    values = np.asarray(run.array("datastore", "values", datastore))  # [N] int32
+    values = run.array("datastore", "values", datastore)  # [N] int32 memmap (its file named if a value is wrong)
     stored_keys = run.array("datastore", "keys", datastore) if rerank else None
-    return KnnRetriever(index, values, k=k, temperature=temperature, nprobe=nprobe, stored_keys=stored_keys), datastore
+    vocab_size = prepared_vocab_size(run)
+    retriever = KnnRetriever(index, values, k, temperature, nprobe, stored_keys, vocab_size)
+    return retriever, datastore

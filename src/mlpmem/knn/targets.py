@@ -23,6 +23,7 @@ import torch
 
 from mlpmem.artifacts import RunDir
 from mlpmem.config import TargetsConfig
+from mlpmem.data.tokens import check_token_ids, prepared_vocab_size, source_of
 from mlpmem.distributed import begin_shared, clear_rank_progress, process_state, run_chunks
 from mlpmem.errors import UsageError
 from mlpmem.knn.distribution import neighbour_values, sparse_distribution
@@ -48,14 +49,21 @@ def drop_self(sq_dists: np.ndarray, ids: np.ndarray, self_ids: np.ndarray) -> tu
 
 
 def knn_rows(
-    index: faiss.Index, values: np.ndarray, queries: np.ndarray, self_ids: np.ndarray, config: TargetsConfig
+    index: faiss.Index,
+    values: np.ndarray,
+    queries: np.ndarray,
+    self_ids: np.ndarray,
+    config: TargetsConfig,
+    vocab_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse p_kNN of entries ``self_ids`` [q] from their keys ``queries`` [q, d]: tokens [q, w] int32, probs
-    [q, w] float32 and whether each entry's own id came back [q] (the index's nprobe is used as set)."""
+    [q, w] float32 and whether each entry's own id came back [q] (the index's nprobe is used as set). The
+    neighbours' values are checked against ``vocab_size`` when given."""
     dists, ids = search(index, queries, config.k + 1, batch=SEARCH_BATCH)  # [q, k+1]
     dists, ids, found = drop_self(dists, ids, self_ids)
     width = min(config.width, config.k)
-    tok, prob = sparse_distribution(dists, neighbour_values(values, ids), config.knn_temperature, width)
+    neighbours = neighbour_values(values, ids, vocab_size)  # [q, k]
+    tok, prob = sparse_distribution(dists, neighbours, config.knn_temperature, width)
     return tok, prob, found
 
 
@@ -66,7 +74,8 @@ class SearchedTargets:
         run = RunDir(run_dir)
         self.index, _ = load_index(run.path)
         set_nprobe(self.index, manifest.nprobe)
-        self.values = np.asarray(run.array("datastore", "values"))  # [N] int32
+        self.values = run.array("datastore", "values")  # [N] int32 memmap
+        self.vocab_size = prepared_vocab_size(run)  # every value read is checked against it
         self.config = manifest.config
 
     def rows(
@@ -74,8 +83,8 @@ class SearchedTargets:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Target tokens [n, w], probs [n, w] and gold [n] of entries ``ids`` [n] whose keys are ``keys`` [n, d]."""
         queries = keys.detach().float().cpu().numpy()
-        tok, prob, _ = knn_rows(self.index, self.values, queries, ids, self.config)
-        gold = self.values[ids].astype(np.int64)
+        tok, prob, _ = knn_rows(self.index, self.values, queries, ids, self.config, self.vocab_size)
+        gold = neighbour_values(self.values, ids, self.vocab_size)  # [n]
         return tuple(torch.from_numpy(np.asarray(a)).to(device) for a in (tok.astype(np.int64), prob, gold))
 
 
@@ -96,6 +105,7 @@ def build_targets(config: TargetsConfig) -> TargetsManifest:
     index, _ = load_index(run.path, use_gpu="auto" if config.store else "no")
     keys = key_source(run.path, datastore, config.device, config.batch_size)  # stored, or recomputed by the LM
     values = run.array("datastore", "values", datastore)  # [N]
+    vocab_size = prepared_vocab_size(run)  # the values of each chunk and of its neighbours are checked
     nprobe = config.nprobe or index_manifest.nprobe
     width = min(config.width, config.k)
     n_chunks = -(-n // config.chunk_size)
@@ -119,7 +129,8 @@ def build_targets(config: TargetsConfig) -> TargetsManifest:
 
     def work(c: int) -> int:
         a, b = c * config.chunk_size, min(n, (c + 1) * config.chunk_size)
-        tok, prob, found = knn_rows(index, values, keys.range(a, b), np.arange(a, b), config)
+        tok, prob, found = knn_rows(index, values, keys.range(a, b), np.arange(a, b), config, vocab_size)
+        check_token_ids(values[a:b], vocab_size, source_of(values))
         tokens[a:b], probs[a:b], gold[a:b] = tok, prob, values[a:b]
         self_found[c] = int(found.sum())
         for array in (tokens, probs, gold, self_found):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from mlpmem.data.tokens import check_token_ids, source_of
 from mlpmem.data.windows import Window
 from mlpmem.lm.keys import KeyHook, key_module_path
 
@@ -67,8 +68,11 @@ def forward_windows(
     log_probs: bool = False,
     device: torch.device | None = None,
 ) -> Iterator[ScoredPositions]:
-    """Run ``model`` over ``windows`` of ``tokens`` [n_tokens] and yield the scored positions of each batch."""
+    """Run ``model`` over ``windows`` of ``tokens`` [n_tokens] and yield the scored positions of each batch.
+
+    Each batch's ids are checked against the model's vocabulary (UsageError naming the token file)."""
     device = device or next(model.parameters()).device
+    vocab_size, source = model.config.vocab_size, source_of(tokens)
     layers = [key_module_path(model, layer) for layer in dict.fromkeys(key_layers)]
     runner = runner_for(model, layers, log_probs)
     hooks = [KeyHook(model, layer) for layer in layers]
@@ -79,6 +83,7 @@ def forward_windows(
             x = torch.from_numpy(
                 np.stack([np.asarray(tokens[w.begin : w.end], dtype=np.int64) for w in group])
             )  # [B, L]
+            check_token_ids(x, vocab_size, source)
             out = runner(input_ids=x.to(device), use_cache=False)
             rows = [slice(w.first_scored - w.begin, w.end - 1 - w.begin) for w in group]  # scored positions per row
             gold = torch.cat([x[j, r.start + 1 : r.stop + 1] for j, r in enumerate(rows)])  # [n]

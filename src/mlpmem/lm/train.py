@@ -23,7 +23,7 @@ from mlpmem.artifacts import RunDir, StageBuild
 from mlpmem.checkpoints import load_checkpoint, save_checkpoint, save_pretrained_atomically
 from mlpmem.config import TrainLMConfig
 from mlpmem.data.prepare import vocab_fingerprint
-from mlpmem.data.tokens import open_split, tokenizer_dir
+from mlpmem.data.tokens import check_token_ids, open_split, source_of, tokenizer_dir
 from mlpmem.devices import resolve_device, resolve_dtype
 from mlpmem.errors import UsageError
 from mlpmem.lm.load import hub_revision, load_lm, load_tokenizer, max_positions, model_fingerprint, require_model
@@ -44,10 +44,15 @@ from mlpmem.training import (
 log = logging.getLogger(__name__)
 
 
-def random_windows(tokens: np.ndarray, context: int, batch_size: int, rng: np.random.Generator) -> torch.Tensor:
-    """[batch_size, context + 1] random slices of ``tokens`` (inputs and shifted labels in one)."""
+def random_windows(
+    tokens: np.ndarray, context: int, batch_size: int, rng: np.random.Generator, vocab_size: int
+) -> torch.Tensor:
+    """[batch_size, context + 1] random slices of ``tokens`` (inputs and shifted labels in one), their ids checked
+    against the model's ``vocab_size``."""
     starts = rng.integers(0, len(tokens) - context - 1, size=batch_size)
-    return torch.from_numpy(np.stack([tokens[s : s + context + 1].astype(np.int64) for s in starts]))
+    x = np.stack([tokens[s : s + context + 1].astype(np.int64) for s in starts])
+    check_token_ids(x, vocab_size, source_of(tokens))
+    return torch.from_numpy(x)
 
 
 def gpt2_model(config: TrainLMConfig, vocab_size: int) -> PreTrainedModel:
@@ -141,6 +146,7 @@ def validation_loss(model: PreTrainedModel, tokens: np.ndarray, config: TrainLMC
     losses = []
     for i in range(0, n_windows, config.batch_size):
         batch = np.stack([tokens[s : s + context + 1].astype(np.int64) for s in starts[i : i + config.batch_size]])
+        check_token_ids(batch, getattr(model, "module", model).config.vocab_size, source_of(tokens))
         losses.append(window_loss(model, torch.from_numpy(batch).to(device)).item())
     model.train()
     return float(np.mean(losses))
@@ -230,12 +236,13 @@ def fit(
     metrics = MetricsLog(build.dir, step, enabled=accelerator.is_main_process)
     t_train, n_trained = 0.0, 0
     window = StepWindow()
+    vocab_size = accelerator.unwrap_model(model).config.vocab_size
     while step < config.max_steps:
         t0 = time.perf_counter()
         step_loss = 0.0
         for micro in range(config.grad_accum):
             rng = np.random.default_rng([config.seed, step, micro, rank])
-            x = random_windows(train, config.context, config.batch_size, rng).to(accelerator.device)
+            x = random_windows(train, config.context, config.batch_size, rng, vocab_size).to(accelerator.device)
             loss = window_loss(model, x) / config.grad_accum
             check_finite(loss, step, "train-lm")
             accelerator.backward(loss)
