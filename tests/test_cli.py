@@ -325,3 +325,14 @@ def test_export_refuses_the_current_folder_or_one_holding_it(out, tmp_path, monk
     code, _, err = run_cli(capsys, "export", "--run-dir", str(tmp_path / "run"), "--out", out)
     assert code == 2 and "is the current folder or holds it" in err and err.count("\n") == 1
     assert list(here.iterdir()) == [] and {p.name for p in tmp_path.iterdir()} <= {"here", "run"}  # run: its lock
+
+
+@pytest.mark.parametrize("preset,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_wait_passively_unless_the_user_chose(monkeypatch, tmp_path, preset, expected):
+    """Every command sets OMP_WAIT_POLICY first (before a command imports torch), and keeps a user's own choice."""
+    if preset is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+    main(["verify", str(tmp_path / "no-run")])
+    assert os.environ["OMP_WAIT_POLICY"] == expected
