@@ -28,7 +28,7 @@ def test_rows_only_use_scored_components(system):
     rows = system.result_rows(everything, "valid")
     assert all(isinstance(r, ResultRow) for r in rows)
     for row in rows:
-        assert {row.part, row.mixed_with} - {None} <= everything
+        assert {row.part, *row.mixed_with} <= everything
     assert system.result_rows(set(), None) == []  # a run without the system adds no row
 
 

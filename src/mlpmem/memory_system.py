@@ -3,10 +3,18 @@
 ``SystemName`` is the one vocabulary of systems: result rows (``EvaluateManifest.systems``), the components
 evaluate scores and mixes (``parts[split][name]``), bench rows and the CLI all use these values.
 
-A system package (``mlpmem.explicit``, and the next one) exports one object satisfying ``MemorySystem``;
-``mlpmem.systems`` registers it, and evaluate, generate and bench iterate over that registry, never importing a
-system package themselves. This module sits in the core, below the system packages, so they can build the
-value types below; it imports no system.
+A system package (``mlpmem.knn``, ``mlpmem.memory``, ``mlpmem.explicit``, and the next one) exports one object
+satisfying ``MemorySystem``; ``mlpmem.systems`` registers it, and evaluate, generate, bench and export iterate over
+that registry, never importing a system package themselves.
+
+A system that reads the LM's keys contributes ``Component``s: per-position next-token distributions from the keys
+of one LM module (the MLP memory: an MLP on the keys; kNN-LM: a search with them). The shared code mixes any set
+of components with the LM in log space (``mlpmem.inference.mixing``): evaluate per scored position, the joint
+model (``mlpmem.inference.joint``) per generated token. A mixture of several systems' components (e.g.
+``mlp-memory+knn-lm``) is a result row, not a system.
+
+This module sits in the core, below the system packages, so they can build the value types below; it imports no
+system.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import numpy as np
     import torch
+    from torch import nn
     from transformers import PreTrainedModel
 
     from mlpmem.artifacts import RunDir
@@ -41,11 +50,32 @@ class SystemName(StrEnum):
 @dataclass(frozen=True)
 class ResultRow:
     """One row a system adds to the evaluate table: the perplexity of component ``part`` alone, or, with
-    ``mixed_with``, of ``part`` mixed with that component (λ tuned on the tuning split, as every mixture)."""
+    ``mixed_with``, of ``part`` mixed with those components (weights tuned on the tuning split, as every mixture:
+    one other component, λ; two, both weights on a grid). A component scored over a grid of settings (kNN-LM's
+    temperatures: log-probs [N, G]) has its column (T) chosen by its own row, which comes first; later rows use it."""
 
     name: SystemName
     part: SystemName
-    mixed_with: SystemName | None = None
+    mixed_with: tuple[SystemName, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mixed_with, str):  # ResultRow(name, part, other): one component
+            object.__setattr__(self, "mixed_with", (self.mixed_with,))
+
+
+class Component(Protocol):
+    """A next-token distribution at every position, computed from the LM's keys at the module ``layer``."""
+
+    layer: str
+
+    def log_probs(self, keys: torch.Tensor, vocab: int) -> torch.Tensor:
+        """keys [..., d] -> log-probs [..., V] float32 on the keys' device (the joint model, per token)."""
+        ...
+
+    def gold_log_probs(self, keys: np.ndarray, gold: np.ndarray) -> np.ndarray:
+        """keys [N, d] float32, gold [N] -> log p(gold) [N] float32, or [N, G] over evaluate's temperature grid
+        (``EvaluateConfig.knn_temperatures``; its row tunes T with λ), per scored position."""
+        ...
 
 
 class SystemEvaluation(Protocol):
@@ -53,6 +83,9 @@ class SystemEvaluation(Protocol):
 
     plain_lms: dict[SystemName, PreTrainedModel]
     """Components that are a plain causal LM, scored by evaluate's shared sliding-window core."""
+
+    components: dict[SystemName, Component]
+    """Components on the evaluated LM's keys: evaluate collects their layers' keys in its one LM pass per split."""
 
     def score(self, tokens: np.ndarray, context: int, stride: int, split: str) -> dict[SystemName, np.ndarray]:
         """log p(gold) [N] of its own components at the positions the sliding windows score."""
@@ -70,14 +103,25 @@ class MemorySystem(Protocol):
     name: str
     components: dict[SystemName, str]
     """The components it scores in evaluate, with how errors name them ("the explicit-memory LM")."""
+    key_components: frozenset[SystemName]
+    """Those of its components read from the evaluated LM's keys (``Component``): mixed with the LM, so their
+    weights are tuned; their log-probs may be -inf (the gold token out of reach), never NaN."""
 
     # mlpmem evaluate
-    def evaluation_inputs(self, config: EvaluateConfig, run: RunDir) -> dict[str, str] | None:
-        """The fingerprints of the stages it reads when it takes part in this evaluation (manifests only), else
-        None."""
+    def evaluation_inputs(self, config: EvaluateConfig, run: RunDir, model_fp: str) -> dict[str, str] | None:
+        """The fingerprints of the stages it reads when it takes part in this evaluation of the LM ``model_fp``
+        (manifests only, checked), else None."""
         ...
 
-    def open_evaluation(self, config: EvaluateConfig, run: RunDir, device: torch.device) -> SystemEvaluation: ...
+    def built_from(self, run: RunDir) -> str | None:
+        """The split its stores were built from (a split scored there is recall, not held-out), else None."""
+        ...
+
+    def open_evaluation(
+        self, config: EvaluateConfig, run: RunDir, device: torch.device, lm: PreTrainedModel, model_fp: str
+    ) -> SystemEvaluation:
+        """Its weights loaded and checked against the evaluated LM ``lm`` (fingerprint ``model_fp``)."""
+        ...
 
     def result_rows(self, components: set[str], tuned_on: str | None) -> list[ResultRow]:
         """Its rows, given the components scored on every split and the split mixtures are tuned on."""
@@ -90,6 +134,22 @@ class MemorySystem(Protocol):
 
     def generate(self, config: GenerateConfig, prompts: list[str], kwargs: dict[str, Any]) -> tuple[list[str], str]:
         """(the continuations, ``num_return_sequences`` per prompt in order; what generated them, in words)."""
+        ...
+
+    # scoring models: one HF causal LM per row (mlpmem.inference.scoring_models)
+    def scoring_models(
+        self, run: RunDir, evaluated: Any, device: torch.device
+    ) -> dict[SystemName, nn.Module]:
+        """Its rows that are a model of their own (not a mixture on the base LM's keys), each following the HF
+        causal-LM contract: ``model(input_ids=ids [B, T]).logits`` [B, T, V] whose log_softmax is the row's
+        next-token log-probs (the protocol ``evaluated``, the run's ``EvaluateManifest``, scored them with)."""
+        ...
+
+    def joint_component(self, run: RunDir, lm: PreTrainedModel, model_fp: str, options: dict[str, Any]) -> Any:
+        """Its part of the joint model (``MemoryAugmentedForCausalLM.from_parts`` keyword arguments: the module or
+        retriever, its layer, its settings) for ``lm`` of the run, or None when it has none. ``options``: the
+        generate / export settings (``k``, ``nprobe``, ``knn_temperature``, ``memory_dtype``, ``device``) and the
+        tuned values evaluate recorded (``tuned``)."""
         ...
 
     # mlpmem bench

@@ -19,8 +19,9 @@ import torch
 import mlpmem.data as mlpmem_data
 from mlpmem.cli import main
 from mlpmem.config import LmEvalConfig
-from mlpmem.evaluate.scoring import memory_log_prob, score_tokens
+from mlpmem.evaluate.scoring import score_tokens
 from mlpmem.inference.mixing import mix_log_probs
+from mlpmem.memory.system import memory_log_prob
 
 from gen_inputs import exported, generation_run_template  # noqa: F401
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlpmem.memory.quantize import quantize_memory
+from mlpmem.systems import MLP_MEMORY
 
 
 class PlainMemory(nn.Module):
@@ -61,9 +61,9 @@ def memory_variants(
     }
     for name in names:
         if name == "bf16":
-            out[name] = (quantize_memory(memory, "bf16"), "bfloat16 Linear weights, float32 norms and logits")
+            out[name] = (MLP_MEMORY.quantize(memory, "bf16"), "bfloat16 Linear weights, float32 norms and logits")
         elif name == "int8":
-            out[name] = (quantize_memory(memory, "int8"), "weight-only int8 Linear, per-output-channel scales")
+            out[name] = (MLP_MEMORY.quantize(memory, "int8"), "weight-only int8 Linear, per-output-channel scales")
         elif name == "compile":
             out[name] = (
                 torch.compile(PlainMemory(memory).to(device), dynamic=False),

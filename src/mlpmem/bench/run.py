@@ -50,12 +50,10 @@ from mlpmem.config import BenchConfig
 from mlpmem.devices import resolve_device
 from mlpmem.errors import UsageError
 from mlpmem.inference.generation import MemoryAugmentedLM
-from mlpmem.knn.retriever import KnnRetriever
 from mlpmem.lm.keys import key_dim, key_module_path
 from mlpmem.lm.load import load_lm, max_positions, run_lm_dir
 from mlpmem.measure import NOISY, Spread, added_ms, interleaved_decode_ms, interleaved_scoring_tokens_per_s
-from mlpmem.memory.quantize import quantize_memory
-from mlpmem.systems import SYSTEMS
+from mlpmem.systems import KNN_LM, MLP_MEMORY, SYSTEMS
 
 log = logging.getLogger(__name__)
 
@@ -111,25 +109,6 @@ class Setup:
         return sum(p.numel() for p in self.memory.parameters())
 
 
-def load_memory_for(
-    run: RunDir, lm: PreTrainedModel, model_fp: str, config: BenchConfig, device: torch.device
-) -> tuple[nn.Module, str, bool]:
-    """The run's trained memory (paired with the LM), or a random-init one of the configured size:
-    (memory, the LM module it reads, trained)."""
-    from mlpmem.memory.model import MLPMemory, MLPMemoryConfig, check_pairing, load_memory
-
-    if run.complete("train-memory") is not None:
-        memory = load_memory(run.path, device)
-        return memory, check_pairing(memory.config, lm, model_fp), True
-    torch.manual_seed(config.seed)
-    layer = key_module_path(lm)
-    d = key_dim(lm, layer)
-    cfg = MLPMemoryConfig(
-        input_dim=d, hidden_size=d, n_blocks=config.memory_blocks, vocab_size=lm.config.vocab_size, key_layer=layer
-    )
-    return MLPMemory(cfg).to(device).eval(), layer, False
-
-
 def own_datastore(run: RunDir, model_fp: str):
     """The run's datastore manifest when it and its index are complete and were built with this LM, else None."""
     if run.complete("datastore") is None or run.complete("index") is None:
@@ -156,8 +135,10 @@ def setup(config: BenchConfig) -> Setup:
             "positions",
             field="new_tokens",
         )
-    memory, memory_layer, trained = load_memory_for(run, lm, model_fp, config, device)
-    used = quantize_memory(memory, config.memory_dtype)
+    memory, memory_layer, trained = MLP_MEMORY.bench_memory(
+        run, lm, model_fp, config.memory_blocks, config.seed, device
+    )
+    used = MLP_MEMORY.quantize(memory, config.memory_dtype)
     valid_keys = fidelity_keys(run, lm, memory_layer, config.fidelity_tokens)
     datastore = own_datastore(run, model_fp)
     knn_layer = key_module_path(lm, datastore.key_layer if datastore is not None else None)
@@ -328,12 +309,10 @@ def stores(config: BenchConfig, s: Setup) -> list[Store]:
     return out + [Store(int(n), True) for n in sorted(set(config.datastore_sizes))]
 
 
-def open_store(store: Store, config: BenchConfig, s: Setup, work: Path) -> tuple[KnnRetriever, int, str]:
+def open_store(store: Store, config: BenchConfig, s: Setup, work: Path) -> tuple[Any, int, str]:
     """(retriever with k and nprobe of the config, bytes of datastore + index, index factory)."""
     if not store.synthetic:
-        from mlpmem.knn.retriever import load_knn
-
-        retriever, datastore = load_knn(
+        retriever, datastore = KNN_LM.load(
             s.run, s.model_fp, min(config.k, store.size), config.nprobe, temperature=config.knn_temperature
         )
         index = s.run.require("index")
@@ -348,7 +327,7 @@ def open_store(store: Store, config: BenchConfig, s: Setup, work: Path) -> tuple
         path.unlink()
     store.build_s = None if reused else round(time.time() - t0, 1)
     values = np.random.default_rng(config.seed).integers(0, s.vocab, store.size, dtype=np.int32)
-    retriever = KnnRetriever(
+    retriever = KNN_LM.retriever(
         index, values, k=min(config.k, int(index.ntotal)), temperature=config.knn_temperature, nprobe=config.nprobe
     )
     return retriever, size, factory

@@ -16,7 +16,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from mlpmem.knn.index import PQ_CHOICES
+from mlpmem.systems import KNN_LM
 
 CENTROID_SCALE = 4.0  # spread of the coarse centroids relative to the unit noise around them
 PQ_TRAIN = 16_384  # residuals sampled to train the PQ codebooks
@@ -31,8 +31,8 @@ def ivfpq_geometry(n: int, d: int, k: int, nprobe: int) -> tuple[int, int]:
     nlist = 1 << int(round(math.log2(max(1.0, 4 * math.sqrt(n)))))
     cap = 1 << max(0, int(math.floor(math.log2(max(1.0, nprobe * n / k)))))
     nlist = max(1, min(nlist, cap))
-    m = next((m for m in PQ_CHOICES if d % m == 0 and d // m >= 8), None)
-    m = m or next((m for m in PQ_CHOICES if d % m == 0 and d // m >= 2), None) or 1
+    m = next((m for m in KNN_LM.pq_choices if d % m == 0 and d // m >= 8), None)
+    m = m or next((m for m in KNN_LM.pq_choices if d % m == 0 and d // m >= 2), None) or 1
     return nlist, m
 
 

@@ -35,7 +35,7 @@ from mlpmem.devices import resolve_device
 from mlpmem.distributed import begin_shared, gather_to_main, process_state
 from mlpmem.errors import UsageError
 from mlpmem.evaluate.report import plot_lambda_curves
-from mlpmem.evaluate.scoring import knn_log_prob, memory_log_prob, score_tokens
+from mlpmem.evaluate.scoring import score_tokens
 from mlpmem.evaluate.tune import (
     mixed_perplexity,
     on_edge,
@@ -45,11 +45,10 @@ from mlpmem.evaluate.tune import (
     tune_lambda,
     tune_pair,
 )
-from mlpmem.lm.keys import key_dim, key_module_path
 from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, model_fingerprint, require_model, run_lm_dir
 from mlpmem.manifests import EvaluateManifest, SystemResult
 from mlpmem.memory_system import MemorySystem, ResultRow, SystemEvaluation, SystemName
-from mlpmem.systems import SYSTEMS, component_labels
+from mlpmem.systems import SYSTEMS, component_labels, key_components
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "lambda.png"
@@ -70,23 +69,24 @@ class Sources:
 
 @dataclass
 class Plan:
-    """What ``evaluate`` scores, all checked: the LM, window sizes, the memory and/or kNN retriever and their layers."""
+    """What ``evaluate`` scores, all checked: the LM, window sizes, the registered systems taking part."""
 
     sources: Sources
     lm: PreTrainedModel
     context: int
     stride: int
-    memory: object | None = None
-    memory_layer: str | None = None
-    knn: object | None = None
-    knn_layer: str | None = None
     systems: list[SystemEvaluation] = field(default_factory=list)  # the registered systems taking part
     overlap: str | None = None  # an evaluated split the datastore (and the memory) were built from
     inputs: dict[str, str] = field(default_factory=dict)
 
     @property
+    def components(self) -> dict[SystemName, object]:
+        """Every component on the LM's keys (``mlpmem.memory_system.Component``), by name."""
+        return {name: c for system in self.systems for name, c in system.components.items()}
+
+    @property
     def key_layers(self) -> list[str]:
-        return list(dict.fromkeys(layer for layer in (self.knn_layer, self.memory_layer) if layer))
+        return list(dict.fromkeys(c.layer for c in self.components.values()))
 
 
 def resolve_sources(config: EvaluateConfig, run: RunDir) -> Sources:
@@ -136,38 +136,12 @@ def window_sizes(config: EvaluateConfig, sources: Sources, lm: PreTrainedModel) 
     return context, stride
 
 
-def plan_memory(plan: Plan, run: RunDir, device, config: EvaluateConfig) -> None:
-    """The run's memory, paired with the LM evaluated (its model, module, width and vocabulary)."""
-    from mlpmem.memory.model import check_pairing, load_memory
-    from mlpmem.memory.quantize import quantize_memory
-
-    memory = quantize_memory(load_memory(run.path, device), config.memory_dtype)
-    plan.memory_layer = check_pairing(memory.config, plan.lm, plan.sources.model_fp)
-    plan.memory = memory
-
-
-def plan_knn(plan: Plan, run: RunDir, config: EvaluateConfig) -> None:
-    """The run's index and datastore as a retriever whose queries come from the datastore's key layer."""
-    from mlpmem.knn.retriever import load_knn
-
-    retriever, datastore = load_knn(run, plan.sources.model_fp, config.k, config.nprobe, rerank=config.rerank)
-    layer = key_module_path(plan.lm, datastore.key_layer)
-    if key_dim(plan.lm, layer) != datastore.key_dim:
-        raise UsageError(
-            f"the datastore holds keys of width {datastore.key_dim}, "
-            f"but {layer!r} of the LM gives {key_dim(plan.lm, layer)}"
-        )
-    plan.knn, plan.knn_layer = retriever, layer
-
-
 @dataclass
 class Survey:
     """What ``evaluate`` will score, found from manifests alone (no weights loaded): the sources, which systems,
     an overlap allowed by ``--allow-overlap``, and the stage's inputs (the fingerprints of everything it reads)."""
 
     sources: Sources
-    use_knn: bool
-    use_memory: bool
     overlap: str | None
     inputs: dict[str, str]
     systems: list[MemorySystem] = field(default_factory=list)  # the registered systems the run has
@@ -178,26 +152,15 @@ def survey_evaluation(config: EvaluateConfig, run: RunDir) -> Survey:
     if not config.splits:
         raise UsageError("no split to score", field="splits")
     sources = resolve_sources(config, run)
-    on_run = config.corpus is None
-    datastore = optional_stage(run, "datastore") if config.knn and on_run else None
-    index = optional_stage(run, "index") if datastore is not None else None
-    memory = optional_stage(run, "train-memory") if config.memory and on_run else None
-    systems = {system: system.evaluation_inputs(config, run) for system in SYSTEMS}
+    systems = {system: system.evaluation_inputs(config, run, sources.model_fp) for system in SYSTEMS}
     systems = {system: inputs for system, inputs in systems.items() if inputs is not None}
-    use_knn, use_memory = index is not None, memory is not None
-    tuning_split(config, config.splits, tunes=use_knn or use_memory)
-    overlap = check_overlap(config, run) if use_knn or use_memory else None
+    mixed = [system for system in systems if system.key_components]  # mixed with the LM: weights tuned
+    tuning_split(config, config.splits, tunes=bool(mixed))
+    overlap = check_overlap(config, run, mixed)
     inputs = dict(sources.inputs)
-    if use_memory:
-        inputs["train-memory"] = memory.fingerprint
-    if use_knn:
-        from mlpmem.knn.retriever import check_datastore
-
-        check_datastore(datastore, sources.model_fp, config.k)
-        inputs.update(datastore=datastore.fingerprint, index=index.fingerprint)
     for system_inputs in systems.values():
         inputs.update(system_inputs)
-    return Survey(sources, use_knn, use_memory, overlap, inputs, list(systems))
+    return Survey(sources, overlap, inputs, list(systems))
 
 
 def plan_evaluation(config: EvaluateConfig, run: RunDir, survey: Survey, device=None) -> Plan:
@@ -206,20 +169,18 @@ def plan_evaluation(config: EvaluateConfig, run: RunDir, survey: Survey, device=
     lm = load_lm(survey.sources.model_path, device)
     context, stride = window_sizes(config, survey.sources, lm)
     plan = Plan(survey.sources, lm, context, stride, overlap=survey.overlap, inputs=survey.inputs)
-    if survey.use_memory:
-        plan_memory(plan, run, device, config)
-    if survey.use_knn:
-        plan_knn(plan, run, config)
-    plan.systems = [system.open_evaluation(config, run, device) for system in survey.systems]
+    model_fp = survey.sources.model_fp
+    plan.systems = [system.open_evaluation(config, run, device, lm, model_fp) for system in survey.systems]
     return plan
 
 
-def check_overlap(config: EvaluateConfig, run: RunDir) -> str | None:
+def check_overlap(config: EvaluateConfig, run: RunDir, systems: list[MemorySystem]) -> str | None:
     """The evaluated split the run's datastore (and so its memory) was built from, when ``--allow-overlap`` lets it
-    be scored; UsageError otherwise. None when the splits are disjoint."""
-    split = run.require("datastore").config.split
-    if split not in config.splits:
+    be scored; UsageError otherwise. None when the splits are disjoint (or no system was built from one)."""
+    built = [split for system in systems if (split := system.built_from(run)) is not None]
+    if not built or built[0] not in config.splits:
         return None
+    split = built[0]
     if not config.allow_overlap:
         raise UsageError(
             f"the datastore (and the memory trained on it) was built from the {split} split being evaluated: "
@@ -249,8 +210,8 @@ def tuning_split(config: EvaluateConfig, splits: list[str], tunes: bool) -> str 
 def score_split(
     plan: Plan, tokens: np.ndarray, config: EvaluateConfig, split: str, state=None
 ) -> dict[str, np.ndarray] | None:
-    """log p(gold) per scored position of one split: ``base`` [N], ``mlp-memory`` [N], ``knn-lm`` [N, len(T grid)],
-    and each registered system's components [N].
+    """log p(gold) per scored position of one split: ``base`` [N], each component on the LM's keys (``mlp-memory``
+    [N], ``knn-lm`` [N, len(T grid)]), and each registered system's own components [N].
 
     Under a launch of several processes each scores its block of windows and the main process gets them all, in
     order (the other ranks get None)."""
@@ -260,12 +221,8 @@ def score_split(
         plan.lm, tokens, plan.context, plan.stride, config.batch_size, plan.key_layers, f"evaluate {split}", share
     )
     parts = {SystemName.BASE: scored.lm_log_prob}
-    if plan.memory is not None:
-        parts[SystemName.MLP_MEMORY] = memory_log_prob(plan.memory, scored.keys[plan.memory_layer], scored.gold)
-    if plan.knn is not None:
-        parts[SystemName.KNN_LM] = knn_log_prob(
-            plan.knn, scored.keys[plan.knn_layer], scored.gold, config.knn_temperatures
-        )
+    for name, component in plan.components.items():
+        parts[name] = component.gold_log_probs(scored.keys[component.layer], scored.gold)
     if share[1] > 1:
         shares = gather_to_main(parts, state)
         if shares is None:
@@ -288,22 +245,15 @@ def system_parts(
     return parts
 
 
-COMPONENT_NAMES = {
-    SystemName.BASE: "the LM",
-    SystemName.MLP_MEMORY: "the memory",
-    SystemName.KNN_LM: "kNN-LM",
-    **component_labels(),
-}
+COMPONENT_NAMES = {SystemName.BASE: "the LM", **component_labels()}
 
 
 def check_scores(parts: dict[str, np.ndarray], split: str) -> None:
-    """NaN anywhere, or a non-finite LM log-prob, is refused (kNN-LM may give -inf: the gold token not retrieved)."""
+    """NaN anywhere, or a non-finite LM log-prob, is refused (a component on the LM's keys may give -inf: kNN-LM
+    when the gold token is not retrieved)."""
+    on_keys = key_components()
     for name, values in parts.items():
-        bad = (
-            int(np.isnan(values).sum())
-            if name in (SystemName.MLP_MEMORY, SystemName.KNN_LM)
-            else int((~np.isfinite(values)).sum())
-        )
+        bad = int(np.isnan(values).sum()) if name in on_keys else int((~np.isfinite(values)).sum())
         if bad:
             raise UsageError(
                 f"{COMPONENT_NAMES[name]} gives {bad:,} non-finite log-probabilities on {split} "
@@ -326,91 +276,67 @@ def base_system(parts: Parts) -> SystemResult:
     )
 
 
-def knn_system(parts: Parts, tuned_on: str, config: EvaluateConfig) -> tuple[SystemResult, Parts, dict[float, float]]:
-    """kNN-LM with (T, λ) tuned on ``tuned_on``; the parts with the tuned T's column as ``knn-lm``; its λ curve."""
-    tune = parts[tuned_on]
-    t, lmbda, curve = tune_knn(tune[SystemName.BASE], tune[SystemName.KNN_LM], config.knn_temperatures, config.lmbdas)
-    chosen = {split: {**p, SystemName.KNN_LM: p[SystemName.KNN_LM][:, t]} for split, p in parts.items()}
-    temperature = config.knn_temperatures[t]
-    searched_t = len(set(config.knn_temperatures)) > 1
-    flags = (("lambda", on_edge(curve, lmbda)), ("T", searched_t and on_edge(config.knn_temperatures, temperature)))
-    edges = [name for name, flagged in flags if flagged]
-    row = SystemResult(
-        name=SystemName.KNN_LM,
-        lmbda=lmbda,
-        temperature=temperature,
-        edges=edges,
-        **split_ppls(chosen, [SystemName.BASE, SystemName.KNN_LM], [1 - lmbda, lmbda]),
-    )
-    return row, chosen, curve
-
-
-def memory_system(parts: Parts, tuned_on: str, config: EvaluateConfig) -> tuple[SystemResult, dict[float, float]]:
-    tune = parts[tuned_on]
-    lmbda, curve = tune_lambda(tune[SystemName.BASE], tune[SystemName.MLP_MEMORY], config.lmbdas)
-    ppls = split_ppls(parts, [SystemName.BASE, SystemName.MLP_MEMORY], [1 - lmbda, lmbda])
-    edges = ["lambda"] * on_edge(curve, lmbda)
-    return SystemResult(name=SystemName.MLP_MEMORY, lmbda=lmbda, edges=edges, **ppls), curve
-
-
-def combined_system(parts: Parts, tuned_on: str, config: EvaluateConfig, temperature: float) -> SystemResult:
-    """Memory + kNN-LM (at kNN-LM's tuned T) with both weights tuned on ``tuned_on``."""
-    tune = parts[tuned_on]
-    (lm_, lk), curve = tune_pair(
-        tune[SystemName.BASE], tune[SystemName.MLP_MEMORY], tune[SystemName.KNN_LM], config.lmbdas
-    )
-    ppls = split_ppls(parts, [SystemName.BASE, SystemName.MLP_MEMORY, SystemName.KNN_LM], [1 - lm_ - lk, lm_, lk])
-    return SystemResult(
-        name=SystemName.MLP_MEMORY_KNN_LM,
-        lmbda=round(lm_ + lk, 6),
-        weights={SystemName.MLP_MEMORY: lm_, SystemName.KNN_LM: lk},
-        temperature=temperature,
-        edges=["lambda"] * pair_on_edge((lm_, lk), curve),
-        **ppls,
-    )
-
-
 def summarise(
     parts: Parts, config: EvaluateConfig
 ) -> tuple[list[SystemResult], str | None, dict[str, dict[float, float]]]:
-    """Every system with λ (and T) tuned on ``config.tune_on`` and applied to every split; the split tuned on
-    (None when only the base LM was scored); PPL on the tuning split against λ per system."""
+    """Every row, the registered systems' in registry order, with λ (and T) tuned on ``config.tune_on`` and applied
+    to every split; the split tuned on (None when only the base LM was scored); PPL on the tuning split against λ
+    per mixture row."""
     first = next(iter(parts.values()))
-    has_knn, has_mem = SystemName.KNN_LM in first, SystemName.MLP_MEMORY in first
-    tuned_on = tuning_split(config, list(parts), tunes=has_knn or has_mem)
-    systems, curves = [base_system(parts)], {}
-    if has_knn:
-        row, parts, curves[SystemName.KNN_LM] = knn_system(parts, tuned_on, config)
-        systems.append(row)
-    if has_mem:
-        row, curves[SystemName.MLP_MEMORY] = memory_system(parts, tuned_on, config)
-        systems.append(row)
-    if has_knn and has_mem:
-        systems.append(combined_system(parts, tuned_on, config, systems[1].temperature))
+    tuned_on = tuning_split(config, list(parts), tunes=bool(set(first) & key_components()))
+    systems, curves, chosen = [base_system(parts)], {}, {}
     for system in SYSTEMS:
-        rows, row_curves = result_rows(system.result_rows(set(first), tuned_on), parts, tuned_on, config)
-        systems.extend(rows)
-        curves.update(row_curves)
+        for row in system.result_rows(set(first), tuned_on):
+            result, parts = result_row(row, parts, tuned_on, config, curves, chosen)
+            systems.append(result)
     check_systems(systems)
     return systems, tuned_on, curves
 
 
-def result_rows(
-    rows: list[ResultRow], parts: Parts, tuned_on: str | None, config: EvaluateConfig
-) -> tuple[list[SystemResult], dict[str, dict[float, float]]]:
-    """A registered system's rows: a component's perplexity, or a component mixed with another (λ tuned on
-    ``tuned_on``, the curve kept under the row's name)."""
-    out, curves = [], {}
-    for row in rows:
-        if row.mixed_with is None:
-            out.append(SystemResult(name=row.name, **{f"{s}_ppl": perplexity(p[row.part]) for s, p in parts.items()}))
-            continue
-        tune = parts[tuned_on]
-        lmbda, curves[row.name] = tune_lambda(tune[row.part], tune[row.mixed_with], config.lmbdas)
-        mixed = split_ppls(parts, [row.part, row.mixed_with], [1 - lmbda, lmbda])
+def result_row(
+    row: ResultRow,
+    parts: Parts,
+    tuned_on: str | None,
+    config: EvaluateConfig,
+    curves: dict[str, dict],
+    chosen: dict[SystemName, float],
+) -> tuple[SystemResult, Parts]:
+    """One row: a component's perplexity, or ``row.part`` mixed with one component (λ tuned on ``tuned_on``; over
+    its temperature grid too when it has one: T chosen, the parts keep that column from then on) or two (both
+    weights tuned, at the T already chosen). The λ curve goes to ``curves[row.name]``, a chosen T to ``chosen``."""
+    if not row.mixed_with:
+        return SystemResult(name=row.name, **{f"{s}_ppl": perplexity(p[row.part]) for s, p in parts.items()}), parts
+    tune = parts[tuned_on]
+    if len(row.mixed_with) == 2:
+        a, b = row.mixed_with
+        (la, lb), curve = tune_pair(tune[row.part], tune[a], tune[b], config.lmbdas)
+        ppls = split_ppls(parts, [row.part, a, b], [1 - la - lb, la, lb])
+        result = SystemResult(
+            name=row.name,
+            lmbda=round(la + lb, 6),
+            weights={a: la, b: lb},
+            temperature=next((chosen[c] for c in row.mixed_with if c in chosen), None),
+            edges=["lambda"] * pair_on_edge((la, lb), curve),
+            **ppls,
+        )
+        return result, parts
+    (other,) = row.mixed_with
+    if tune[other].ndim == 1:
+        lmbda, curves[row.name] = tune_lambda(tune[row.part], tune[other], config.lmbdas)
+        mixed = split_ppls(parts, [row.part, other], [1 - lmbda, lmbda])
         edges = ["lambda"] * on_edge(curves[row.name], lmbda)
-        out.append(SystemResult(name=row.name, lmbda=lmbda, edges=edges, **mixed))
-    return out, curves
+        return SystemResult(name=row.name, lmbda=lmbda, edges=edges, **mixed), parts
+    t, lmbda, curves[row.name] = tune_knn(tune[row.part], tune[other], config.knn_temperatures, config.lmbdas)
+    parts = {split: {**p, other: p[other][:, t]} for split, p in parts.items()}
+    temperature = chosen[other] = config.knn_temperatures[t]
+    searched_t = len(set(config.knn_temperatures)) > 1
+    flags = (
+        ("lambda", on_edge(curves[row.name], lmbda)),
+        ("T", searched_t and on_edge(config.knn_temperatures, temperature)),
+    )
+    edges = [name for name, flagged in flags if flagged]
+    mixed = split_ppls(parts, [row.part, other], [1 - lmbda, lmbda])
+    return SystemResult(name=row.name, lmbda=lmbda, temperature=temperature, edges=edges, **mixed), parts
 
 
 def check_systems(systems: list[SystemResult]) -> None:

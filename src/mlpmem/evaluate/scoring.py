@@ -67,26 +67,3 @@ def score_tokens(
             pos += m
             bar.update(m)
     return ScoredSplit(gold, lm_log_prob, keys)
-
-
-@torch.inference_mode()
-def memory_log_prob(memory: torch.nn.Module, keys: np.ndarray, gold: np.ndarray, batch: int = 4096) -> np.ndarray:
-    """log p_mem(gold) [N] float32 from keys [N, d] (on the memory's device)."""
-    param = next(memory.parameters())
-    out = np.empty(len(gold), dtype=np.float32)
-    for i in progress(range(0, len(gold), batch), desc="memory", unit="batch"):
-        k = torch.from_numpy(np.asarray(keys[i : i + batch], dtype=np.float32)).to(param.device, param.dtype)
-        log_probs = torch.log_softmax(memory(k).float(), dim=-1)  # [b, V]
-        g = torch.from_numpy(gold[i : i + batch]).to(param.device)
-        out[i : i + batch] = log_probs.gather(-1, g[:, None])[:, 0].cpu().numpy()
-    return out
-
-
-def knn_log_prob(
-    retriever, keys: np.ndarray, gold: np.ndarray, temperatures: list[float], batch: int = 4096
-) -> np.ndarray:
-    """log p_kNN(gold) [N, len(temperatures)] float32 through a ``KnnRetriever`` (one search per query)."""
-    out = np.empty((len(gold), len(temperatures)), dtype=np.float32)
-    for i in progress(range(0, len(gold), batch), desc="knn", unit="batch"):
-        out[i : i + batch] = retriever.gold_log_probs(keys[i : i + batch], gold[i : i + batch], temperatures)
-    return out

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.modeling_outputs import CausalLMOutput
 
 from mlpmem.artifacts import RunDir
 from mlpmem.data.windows import sliding_windows
@@ -64,3 +65,25 @@ def explicit_log_probs(reader: ExplicitReader, tokens: np.ndarray, context: int,
         reader.mass.extend(m for m in memory.mass if math.isfinite(m))
         pos += len(gold)
     return out
+
+
+class ExplicitScoringModel(torch.nn.Module):
+    """The explicit-memory LM under the HF causal-LM contract, for one window per row: ``input_ids`` [B, T] ->
+    ``logits`` [B, T, V], each row read as a window of its own (its chunks retrieve with the tokens before them
+    in that row), as ``explicit_log_probs`` reads a split's first window."""
+
+    def __init__(self, reader: ExplicitReader):
+        super().__init__()
+        self.reader = reader
+        self.model = reader.model
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> CausalLMOutput:
+        r = self.reader
+        rows = []
+        for ids in input_ids:
+            tokens = ids.cpu().numpy()
+            memory = reading_memory(r.store, tokens, 0, len(tokens), r.k, r.chunk)
+            memory.kv = memory.kv.to(ids.device)
+            rows.append(r.model(input_ids=ids[None], memory=memory).logits[0])  # [T, V]
+        return CausalLMOutput(logits=torch.stack(rows))

@@ -28,6 +28,7 @@ class ExplicitEvaluation:
 
     reader: Any  # an ExplicitReader
     plain_lms: dict[SystemName, Any] = field(default_factory=dict)
+    components: dict[SystemName, Any] = field(default_factory=dict)  # none on the base LM's keys
 
     def score(self, tokens: np.ndarray, context: int, stride: int, split: str) -> dict[SystemName, np.ndarray]:
         from mlpmem.explicit.scoring import explicit_log_probs
@@ -49,9 +50,10 @@ class ExplicitSystem:
         SystemName.EXPLICIT_MEMORY: "the explicit-memory LM",
         SystemName.EXPLICIT_CONTROL: "the explicit-memory control",
     }
+    key_components = frozenset()  # its LMs read memories of their own, not the evaluated LM's keys
 
     # mlpmem evaluate
-    def evaluation_inputs(self, config, run) -> dict[str, str] | None:
+    def evaluation_inputs(self, config, run, model_fp) -> dict[str, str] | None:
         """Only on the run's own LM and tokens (``--model`` and ``--corpus`` leave it out)."""
         if not config.explicit or config.corpus is not None or config.model is not None:
             return None
@@ -59,7 +61,10 @@ class ExplicitSystem:
             return None
         return {STAGE: run.require(STAGE).fingerprint}
 
-    def open_evaluation(self, config, run, device) -> ExplicitEvaluation:
+    def built_from(self, run) -> str | None:
+        return None
+
+    def open_evaluation(self, config, run, device, lm, model_fp) -> ExplicitEvaluation:
         from mlpmem.explicit.scoring import ExplicitReader
 
         reader = ExplicitReader.open(run, config.explicit_k, device)
@@ -80,7 +85,24 @@ class ExplicitSystem:
             )
         return rows
 
-    # mlpmem generate
+    # scoring models, generate, export
+    def scoring_models(self, run, evaluated, device) -> dict[SystemName, Any]:
+        """The explicit-memory LM reading the memories its input retrieves (``ExplicitScoringModel``) and its
+        control, when ``evaluated`` scored them."""
+        names = {s.name for s in evaluated.systems}
+        if SystemName.EXPLICIT_MEMORY not in names:
+            return {}
+        from mlpmem.explicit.scoring import ExplicitReader, ExplicitScoringModel
+
+        reader = ExplicitReader.open(run, evaluated.config.explicit_k, device)
+        models = {SystemName.EXPLICIT_MEMORY: ExplicitScoringModel(reader)}
+        if reader.control is not None and SystemName.EXPLICIT_CONTROL in names:
+            models[SystemName.EXPLICIT_CONTROL] = reader.control
+        return models
+
+    def joint_component(self, run, lm, model_fp, options) -> dict[str, Any] | None:
+        return None  # its LM is not the joint model's base LM
+
     def generates(self, config) -> bool:
         return bool(config.explicit)
 

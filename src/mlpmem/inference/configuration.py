@@ -11,7 +11,9 @@ from transformers.configuration_utils import PretrainedConfig
 from transformers.models.auto.configuration_auto import AutoConfig
 
 from mlpmem.errors import UsageError
-from mlpmem.memory.configuration import MLPMemoryConfig
+from mlpmem.systems import MLP_MEMORY
+
+MLPMemoryConfig = MLP_MEMORY.config_class
 
 MODEL_TYPE = "mlpmem"
 

@@ -32,13 +32,10 @@ from mlpmem.config import GenerateConfig
 from mlpmem.devices import resolve_device
 from mlpmem.errors import UsageError
 from mlpmem.inference.joint import MemoryAugmentedForCausalLM
-from mlpmem.knn.retriever import DEFAULT_KNN_TEMPERATURE, KnnRetriever
-from mlpmem.lm.keys import key_module_path
 from mlpmem.lm.load import load_lm, load_tokenizer, max_positions, run_lm_dir
 from mlpmem.memory_system import SystemName
 from mlpmem.systems import SYSTEMS
 
-DEFAULT_KNN_LMBDA = 0.25
 DEFAULT_MAX_NEW_TOKENS = 50
 
 
@@ -63,7 +60,7 @@ class MemoryAugmentedLM:
         lm: PreTrainedModel,
         memory: nn.Module | None = None,
         lmbda: float = 0.25,
-        knn: KnnRetriever | None = None,
+        knn: Any = None,
         knn_lmbda: float = 0.0,
         tokenizer: PreTrainedTokenizerBase | None = None,
         memory_layer: str | None = None,
@@ -95,7 +92,7 @@ class MemoryAugmentedLM:
 
         Defaults: ``lmbda``, ``knn_lmbda`` and ``knn_temperature`` are the values ``mlpmem evaluate`` tuned on
         valid (read from its manifest, and only when it evaluated this LM with this memory / datastore), else the
-        λ saved with the memory, 0.25 and the memory's target temperature (else the targets stage's). Mismatched
+        λ saved with the memory, 0.25 and the temperature of the run's kNN targets. Mismatched
         artifacts (another base LM, a key module the LM lacks, another width or vocabulary) are refused with one line.
         ``memory_dtype`` (fp32, bf16, int8) sets the memory's weights (``mlpmem.memory.quantize``).
         """
@@ -123,7 +120,8 @@ class MemoryAugmentedLM:
         return self.model.memory
 
     @property
-    def knn(self) -> KnnRetriever | None:
+    def knn(self) -> Any:
+        """The kNN-LM retriever (a ``KnnRetriever``), or None."""
         return self.model.knn
 
     @property
@@ -269,40 +267,28 @@ def joint_model_from_run(
     device: torch.device | str = "cpu",
     memory_dtype: str = "fp32",
 ) -> MemoryAugmentedForCausalLM:
-    """The run's joint model (see ``MemoryAugmentedLM.from_run`` for the defaults and the refusals)."""
-    from mlpmem.knn.retriever import load_knn
-    from mlpmem.memory.model import check_pairing, load_memory
-    from mlpmem.memory.quantize import quantize_memory
-
+    """The run's joint model (see ``MemoryAugmentedLM.from_run`` for the defaults and the refusals): each registered
+    system adds its part (``MemorySystem.joint_component``)."""
     run = RunDir(run_dir)
     model_fp = run.require("train-lm").model_fingerprint
     lm = load_lm(run_lm_dir(run.path), device)
-    tuned = tuned_values(run, model_fp, use_memory, use_knn)
-    memory, memory_layer = None, None
-    if use_memory:
-        memory = quantize_memory(load_memory(run.path, device), memory_dtype)
-        memory_layer = check_pairing(memory.config, lm, model_fp)
-        lmbda = lmbda if lmbda is not None else tuned.lmbda if tuned.lmbda is not None else memory.config.lmbda
-    knn, knn_layer, settings = None, None, None
-    if use_knn:
-        knn, datastore = load_knn(run, model_fp, k, nprobe)
-        knn_layer = key_module_path(lm, datastore.key_layer)
-        memory_t = memory.config.knn_temperature if memory is not None else None
-        knn.temperature = knn_temperature or tuned.knn_temperature or memory_t or targets_temperature(run)
-        if knn_lmbda is None:
-            knn_lmbda = tuned.knn_lmbda if tuned.knn_lmbda is not None else DEFAULT_KNN_LMBDA
-        settings = {"run_dir": str(run.path.resolve()), "nprobe": nprobe}
-    return MemoryAugmentedForCausalLM.from_parts(
-        lm,
-        memory,
-        lmbda or 0.0,
-        knn,
-        knn_lmbda or 0.0,
-        memory_layer=memory_layer,
-        knn_layer=knn_layer,
-        knn_settings=settings,
-        base_model_fingerprint=model_fp,
+    options = dict(
+        use_memory=use_memory,
+        use_knn=use_knn,
+        lmbda=lmbda,
+        k=k,
+        knn_temperature=knn_temperature,
+        knn_lmbda=knn_lmbda,
+        nprobe=nprobe,
+        device=device,
+        memory_dtype=memory_dtype,
+        tuned=tuned_values(run, model_fp, use_memory, use_knn),
     )
+    parts: dict[str, Any] = {}
+    for system in SYSTEMS:
+        parts.update(system.joint_component(run, lm, model_fp, options) or {})
+    parts["lmbda"], parts["knn_lmbda"] = parts.get("lmbda") or 0.0, parts.get("knn_lmbda") or 0.0
+    return MemoryAugmentedForCausalLM.from_parts(lm, **parts, base_model_fingerprint=model_fp)
 
 
 @dataclass
@@ -345,12 +331,6 @@ def tuned_values(run: RunDir, model_fp: str, memory: bool, knn: bool) -> TunedVa
     if same_knn and knn_row is not None:
         out.knn_lmbda = knn_row.lmbda
     return out
-
-
-def targets_temperature(run: RunDir) -> float:
-    """T of the run's kNN targets, else the default."""
-    targets = run.complete("targets")
-    return float(targets.config.knn_temperature) if targets is not None else DEFAULT_KNN_TEMPERATURE
 
 
 # mlpmem generate -----------------------------------------------------------------------------------------------

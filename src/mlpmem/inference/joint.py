@@ -6,8 +6,9 @@
     out = model(input_ids, labels=input_ids)  # out.logits: mixed next-token log-probs [B, T, V]; out.loss: mixed NLL
     model.generate(input_ids, max_new_tokens=20, num_beams=4)        # every strategy, with the KV cache
 
-``forward`` runs the unmodified base LM (``self.lm``) with a key hook (``mlpmem.lm.keys.KeyHook``) on each layer the
-memory / the kNN-LM reads, and returns ``mix_log_probs([log p_LM, log p_mem, log p_kNN], weights)`` of the positions
+``forward`` runs the unmodified base LM (``self.lm``) with a key hook (``mlpmem.lm.keys.KeyHook``) on each layer its
+components read (the MLP memory's, kNN-LM's: ``mlpmem.memory_system.Component``, built by their systems in
+``mlpmem.systems``), and returns ``mix_log_probs([log p_LM, log p_mem, log p_kNN], weights)`` of the positions
 the LM returns (``logits_to_keep``; ``generate`` asks for the last one) in place of the logits, so HF's loss,
 ``generate`` (logits processors, sampling, beam search), ``pipeline`` and ``Trainer`` act on the mixed distribution.
 With the KV cache each decode step forwards only the new token: the memory runs once per new token. With nothing
@@ -39,7 +40,8 @@ from mlpmem.hf_cache import CACHE_ARG, CACHE_FIELD, cache_of, pop_cache
 from mlpmem.inference.configuration import MemoryAugmentedConfig, check_weights
 from mlpmem.inference.mixing import mix_log_probs
 from mlpmem.lm.keys import KeyHook, key_dim, key_module_path
-from mlpmem.memory.model import MLPMemory, MLPMemoryConfig
+from mlpmem.memory_system import Component
+from mlpmem.systems import KNN_LM, MLP_MEMORY
 
 
 def weights_sha256(module: nn.Module) -> str:
@@ -77,7 +79,7 @@ class MemoryAugmentedForCausalLM(PreTrainedModel, GenerationMixin):
         if config.text_config is None:
             raise UsageError("this model's config has no base LM config (text_config); re-export it (mlpmem export)")
         self.lm = AutoModelForCausalLM.from_config(config.text_config)
-        self.memory = MLPMemory(config.memory_config) if config.memory_config is not None else None
+        self.memory = MLP_MEMORY.module(config.memory_config) if config.memory_config is not None else None
         self.knn = None  # a KnnRetriever, attached by from_parts / from_pretrained
         self.post_init()
 
@@ -101,7 +103,7 @@ class MemoryAugmentedForCausalLM(PreTrainedModel, GenerationMixin):
         knn_lmbda = float(knn_lmbda) if knn is not None else 0.0
         check_weights(lmbda, knn_lmbda)
         memory_config = getattr(memory, "config", None) if memory is not None else None
-        memory_config = memory_config if isinstance(memory_config, MLPMemoryConfig) else None
+        memory_config = memory_config if isinstance(memory_config, MLP_MEMORY.config_class) else None
         default_layer = memory_config.key_layer if memory_config is not None else None
         knn_part = None
         if knn is not None:
@@ -196,20 +198,7 @@ class MemoryAugmentedForCausalLM(PreTrainedModel, GenerationMixin):
 
     def attach_knn(self) -> None:
         """The kNN-LM retriever of ``config.knn`` (its run's datastore and index, checked against the base model)."""
-        from mlpmem.artifacts import RunDir
-        from mlpmem.knn.retriever import load_knn
-
-        settings = self.config.knn
-        if not settings.get("run_dir"):
-            raise UsageError("this model mixes in kNN-LM but names no run holding its datastore (knn.run_dir)")
-        retriever, _ = load_knn(
-            RunDir(settings["run_dir"]),
-            self.config.base_model_fingerprint,
-            int(settings["k"]),
-            settings.get("nprobe"),
-            temperature=float(settings["knn_temperature"]),
-        )
-        self.knn = retriever
+        self.knn = KNN_LM.attach(self.config.knn, self.config.base_model_fingerprint)
 
     # what is mixed ---------------------------------------------------------------------------------------------
     @property
@@ -231,22 +220,26 @@ class MemoryAugmentedForCausalLM(PreTrainedModel, GenerationMixin):
     @property
     def key_layers(self) -> list[str]:
         """The LM modules whose outputs the mixing reads (none when nothing is mixed in)."""
-        layers = [self.memory_layer] * (self.lmbda > 0) + [self.knn_layer] * (self.knn_lmbda > 0)
-        return list(dict.fromkeys(layers))
+        return list(dict.fromkeys(c.layer for c, _ in self.components()))
+
+    def components(self) -> list[tuple[Component, float]]:
+        """The components mixed in (weight > 0) with their weights: the memory's, then kNN-LM's."""
+        out = []
+        if self.lmbda > 0:
+            out.append((MLP_MEMORY.component(self.memory, self.memory_layer), self.lmbda))
+        if self.knn_lmbda > 0:
+            out.append((KNN_LM.component(self.knn, self.knn_layer), self.knn_lmbda))
+        return out
 
     def mix(self, logits: torch.Tensor, keys: dict[str, torch.Tensor]) -> torch.Tensor:
         """LM logits [B, L, V] and keys {layer: [B, L, d]} of the same positions -> joint log-probs [B, L, V] fp32."""
-        components = [torch.log_softmax(logits.float(), dim=-1)]
-        weights = [1.0 - self.lmbda - self.knn_lmbda]
-        if self.lmbda > 0:
-            components.append(torch.log_softmax(self.memory(keys[self.memory_layer]).float(), dim=-1))  # [B, L, V]
-            weights.append(self.lmbda)
-        if self.knn_lmbda > 0:
-            q = keys[self.knn_layer]
-            flat = self.knn.log_probs(q.reshape(-1, q.shape[-1]), logits.shape[-1])  # [B*L, V]
-            components.append(flat.view(*logits.shape))
-            weights.append(self.knn_lmbda)
-        return mix_log_probs(components, weights)
+        parts = self.components()
+        log_probs = [torch.log_softmax(logits.float(), dim=-1)]
+        log_probs += [c.log_probs(keys[c.layer], logits.shape[-1]) for c, _ in parts]  # [B, L, V] each
+        lm_weight = 1.0
+        for _, w in parts:
+            lm_weight -= w  # (1 - λ_mem) - λ_kNN, in that order
+        return mix_log_probs(log_probs, [lm_weight] + [w for _, w in parts])
 
     # the HF model contract ------------------------------------------------------------------------------------------
     def forward(
@@ -309,7 +302,7 @@ class MemoryAugmentedForCausalLM(PreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         """save_pretrained with the sha256 of the LM's and the memory's weights recorded in the config (checked at
         load)."""
-        if self.memory is not None and not isinstance(self.memory, MLPMemory):
+        if self.memory is not None and not MLP_MEMORY.saveable(self.memory):
             raise UsageError("only a float MLPMemory can be saved (not a quantised or compiled copy)")
         self.config.lm_weights_sha256 = weights_sha256(self.lm)
         self.config.memory_weights_sha256 = weights_sha256(self.memory) if self.memory is not None else None
