@@ -137,9 +137,7 @@ class MemorySystem(Protocol):
         ...
 
     # scoring models: one HF causal LM per row (mlpmem.inference.scoring_models)
-    def scoring_models(
-        self, run: RunDir, evaluated: Any, device: torch.device
-    ) -> dict[SystemName, nn.Module]:
+    def scoring_models(self, run: RunDir, evaluated: Any, device: torch.device) -> dict[SystemName, nn.Module]:
         """Its rows that are a model of their own (not a mixture on the base LM's keys), each following the HF
         causal-LM contract: ``model(input_ids=ids [B, T]).logits`` [B, T, V] whose log_softmax is the row's
         next-token log-probs (the protocol ``evaluated``, the run's ``EvaluateManifest``, scored them with)."""

@@ -285,6 +285,7 @@ def joint_model_from_run(
         tuned=tuned_values(run, model_fp, use_memory, use_knn),
     )
     parts: dict[str, Any] = {}
+    options["parts"] = parts  # a later system's part may refine an earlier one's default
     for system in SYSTEMS:
         parts.update(system.joint_component(run, lm, model_fp, options) or {})
     parts["lmbda"], parts["knn_lmbda"] = parts.get("lmbda") or 0.0, parts.get("knn_lmbda") or 0.0

@@ -135,15 +135,18 @@ class KnnSystem:
         return {}  # its row is a mixture on the base LM's keys (the joint model)
 
     def joint_component(self, run, lm, model_fp, options) -> dict[str, Any] | None:
-        """The run's retriever, its layer, T and λ (given, else tuned by evaluate, else T of the run's targets and
-        λ = 0.25), and what an exported folder records to reopen it (``knn_settings``)."""
+        """The run's retriever, its layer, T and λ (given, else tuned by evaluate, else the T the run's memory was
+        trained with or that of its targets, and λ = 0.25), and what an exported folder records to reopen it
+        (``knn_settings``)."""
         if not options.get("use_knn", False):
             return None
         from mlpmem.lm.keys import key_module_path
 
         tuned, nprobe = options["tuned"], options.get("nprobe")
         knn, datastore = self.load(run, model_fp, options["k"], nprobe)
-        knn.temperature = options.get("knn_temperature") or tuned.knn_temperature or targets_temperature(run)
+        knn.temperature = options.get("knn_temperature") or tuned.knn_temperature
+        if not knn.temperature:  # the memory's target T when the run's memory joins (its part follows), else this
+            knn.temperature, options["knn_temperature_open"] = targets_temperature(run), True
         knn_lmbda = options.get("knn_lmbda")
         if knn_lmbda is None:
             knn_lmbda = tuned.knn_lmbda if tuned.knn_lmbda is not None else DEFAULT_KNN_LMBDA

@@ -158,6 +158,9 @@ class MemorySystem:
         if not options.get("use_memory", True):
             return None
         memory, layer = self.load(run, lm, model_fp, options["device"], options.get("memory_dtype", "fp32"))
+        knn = options["parts"].get("knn")  # kNN-LM's part, when it joins: T defaults to the memory's target T
+        if knn is not None and options.get("knn_temperature_open") and memory.config.knn_temperature:
+            knn.temperature = memory.config.knn_temperature
         lmbda = options.get("lmbda")
         if lmbda is None:
             tuned = options["tuned"].lmbda
