@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from mlpmem.inference.generation import MemoryAugmentedLM
 from mlpmem.measure import Spread, interleaved_decode_ms
+from mlpmem.memory_system import SystemName
 
 
 def with_positions(lm: PreTrainedModel, positions: int, extra_layers: int = 0) -> PreTrainedModel:
@@ -56,5 +57,9 @@ def long_context_decode(
 
         return generate
 
-    systems = {"base": plain(base), "mlp-memory": mlm.generate, "decoder-equal-params": plain(decoder)}
+    systems = {
+        SystemName.BASE: plain(base),
+        SystemName.MLP_MEMORY: mlm.generate,
+        SystemName.DECODER_EQUAL_PARAMS: plain(decoder),
+    }
     return interleaved_decode_ms(systems, prompt, new_tokens, repeats)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mlpmem.measure import human_bytes, human_count
+from mlpmem.memory_system import SystemName
 from mlpmem.systems import SYSTEMS
 
 
@@ -67,7 +68,7 @@ def plot(results: list[dict], memory_bytes: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    knn = sorted((r for r in results if r["system"] == "knn-lm"), key=lambda r: r["datastore_size"])
+    knn = sorted((r for r in results if r["system"] == SystemName.KNN_LM), key=lambda r: r["datastore_size"])
     flat = [r for r in results if r["datastore_size"] is None]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     synthetic = [r for r in knn if r["synthetic"]]
@@ -148,7 +149,7 @@ def summary_lines(report: dict) -> str:
 
 def print_report(report: dict, config: Any) -> None:
     """``mlpmem bench``'s terminal output: the table, the summary lines and where the files went."""
-    base = next(r for r in report["results"] if r["system"] == "base")
+    base = next(r for r in report["results"] if r["system"] == SystemName.BASE)
     print(format_table(report["results"], base["ms_per_token"], base["tokens_per_s"]))
     print(summary_lines(report))
     for system in SYSTEMS:

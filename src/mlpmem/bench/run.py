@@ -53,6 +53,7 @@ from mlpmem.inference.generation import MemoryAugmentedLM
 from mlpmem.lm.keys import key_dim, key_module_path
 from mlpmem.lm.load import load_lm, max_positions, run_lm_dir
 from mlpmem.measure import NOISY, Spread, added_ms, interleaved_decode_ms, interleaved_scoring_tokens_per_s
+from mlpmem.memory_system import SystemName
 from mlpmem.systems import KNN_LM, MLP_MEMORY, SYSTEMS
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ QUICK = {
 }
 FAITHFUL_KL = 1e-3  # a speed-up is used end to end only when its mean KL to the eager memory stays below this
 FREE = "hooks+mixing only"
-DECODER = "decoder-equal-params"
+DECODER = SystemName.DECODER_EQUAL_PARAMS
 
 
 def with_quick(config: BenchConfig) -> BenchConfig:
@@ -250,9 +251,13 @@ def measure_fixed_systems(s: Setup, config: BenchConfig, faithful: list[dict]) -
     log.info("bench: decode latency and scoring throughput of base, memory, equal-size decoder")
     decoder, decoder_layers = decoder_equal_params(s.lm, s.base_params + s.memory_params, s.device)
     mlm = MemoryAugmentedLM(s.lm, memory=s.used, lmbda=config.lmbda, memory_layer=s.memory_layer)
-    decode = {"base": plain_generate(s.lm), "mlp-memory": mlm.generate}
-    score = {"base": plain_score(s.lm), "mlp-memory": mlm.joint_log_probs}
-    sizes = {"base": parameter_bytes(s.lm), "mlp-memory": variant_bytes(s.used), DECODER: parameter_bytes(decoder)}
+    decode = {SystemName.BASE: plain_generate(s.lm), SystemName.MLP_MEMORY: mlm.generate}
+    score = {SystemName.BASE: plain_score(s.lm), SystemName.MLP_MEMORY: mlm.joint_log_probs}
+    sizes = {
+        SystemName.BASE: parameter_bytes(s.lm),
+        SystemName.MLP_MEMORY: variant_bytes(s.used),
+        DECODER: parameter_bytes(decoder),
+    }
     for v in faithful:  # in a decode step the memory's weights compete with the LM's for cache: time them there
         name = f"mlp-memory+{v['variant']}"
         fast = MemoryAugmentedLM(s.lm, memory=v["module"], lmbda=config.lmbda, memory_layer=s.memory_layer)
@@ -272,14 +277,14 @@ def measure_fixed_systems(s: Setup, config: BenchConfig, faithful: list[dict]) -
             "synthetic": False,
             "ms_per_token": round(ms[name], 4),
             "ms_spread": spread[name].rounded(),
-            "noisy": spread[name].noisy or spread["base"].noisy,  # its ratio to base is unreliable
+            "noisy": spread[name].noisy or spread[SystemName.BASE].noisy,  # its ratio to base is unreliable
             "tokens_per_s": round(tps[name], 1),
             "bytes": sizes[name],
         }
         if name == DECODER:
             row.update(layers=decoder_layers, params=decoder_params)
         rows.append(row)
-    overhead = mixing_overhead(free, spread[FREE], spread["base"], ms["mlp-memory"])
+    overhead = mixing_overhead(free, spread[FREE], spread[SystemName.BASE], ms[SystemName.MLP_MEMORY])
     return FixedSystems(ms, spread, tps, sizes, rows, overhead, decoder_params, decoder_layers, mlm)
 
 
@@ -287,11 +292,11 @@ def best_variant(variants: list[dict], faithful: list[dict], fixed: FixedSystems
     """Note each variant's decode ms added to base (None: not measurable above the noise); the faithful one with
     the fastest step, when it beats eager end to end."""
     eager = next(v for v in variants if v["variant"] == "eager")
-    eager["decode_ms_added"] = added_ms(fixed.spread["mlp-memory"], fixed.spread["base"])
+    eager["decode_ms_added"] = added_ms(fixed.spread[SystemName.MLP_MEMORY], fixed.spread[SystemName.BASE])
     for v in faithful:
-        v["decode_ms_added"] = added_ms(fixed.spread[f"mlp-memory+{v['variant']}"], fixed.spread["base"])
+        v["decode_ms_added"] = added_ms(fixed.spread[f"mlp-memory+{v['variant']}"], fixed.spread[SystemName.BASE])
     best = min(faithful, key=lambda v: fixed.ms[f"mlp-memory+{v['variant']}"], default=None)
-    return best if best and fixed.ms[f"mlp-memory+{best['variant']}"] < fixed.ms["mlp-memory"] else None
+    return best if best and fixed.ms[f"mlp-memory+{best['variant']}"] < fixed.ms[SystemName.MLP_MEMORY] else None
 
 
 @dataclass
@@ -342,18 +347,24 @@ def measure_knn(
     retriever, store_bytes, factory = open_store(store, config, s, work)
     knn = MemoryAugmentedLM(s.lm, knn=retriever, knn_lmbda=config.lmbda, knn_layer=s.knn_layer)
     block = interleaved_decode_ms(
-        {"knn-lm": knn.generate, "mlp-memory": fixed.memory_lm.generate}, s.prompt, config.new_tokens, config.repeats
+        {SystemName.KNN_LM: knn.generate, SystemName.MLP_MEMORY: fixed.memory_lm.generate},
+        s.prompt,
+        config.new_tokens,
+        config.repeats,
     )
-    knn_tps = interleaved_scoring_tokens_per_s({"knn-lm": knn.joint_log_probs}, s.batch, config.repeats)["knn-lm"]
+    knn_tps = interleaved_scoring_tokens_per_s({SystemName.KNN_LM: knn.joint_log_probs}, s.batch, config.repeats)[
+        SystemName.KNN_LM
+    ]
     best_ms = fixed.ms[f"mlp-memory+{best['variant']}"] if best else None
-    knn_ms, memory_ms = block["knn-lm"].median, block["mlp-memory"].median
+    knn_ms, memory_ms = block[SystemName.KNN_LM].median, block[SystemName.MLP_MEMORY].median
     row = {
-        "system": "knn-lm",
+        "system": SystemName.KNN_LM,
         "datastore_size": store.size,
         "synthetic": store.synthetic,
         "ms_per_token": round(knn_ms, 4),
-        "ms_spread": block["knn-lm"].rounded(),
-        "noisy": block["knn-lm"].noisy or block["mlp-memory"].noisy,  # its ratio to the memory is unreliable
+        "ms_spread": block[SystemName.KNN_LM].rounded(),
+        "noisy": block[SystemName.KNN_LM].noisy
+        or block[SystemName.MLP_MEMORY].noisy,  # its ratio to the memory is unreliable
         "tokens_per_s": round(knn_tps, 1),
         "bytes": int(store_bytes),
         "index": factory,
@@ -362,7 +373,7 @@ def measure_knn(
         "memory_ms_same_rounds": round(memory_ms, 4),
         "knn_over_memory": round(knn_ms / memory_ms, 3),
         "knn_over_best_memory": round(knn_ms / best_ms, 3) if best_ms else None,
-        "storage_over_memory": round(store_bytes / fixed.bytes["mlp-memory"], 2),
+        "storage_over_memory": round(store_bytes / fixed.bytes[SystemName.MLP_MEMORY], 2),
     }
     if store.build_s is not None:
         row["build_s"] = store.build_s
@@ -390,8 +401,8 @@ def measure_long_context(s: Setup, config: BenchConfig, fixed: FixedSystems) -> 
         "ms_per_token": {name: round(v, 4) for name, v in ms.items()},
         "ms_spread": {name: t.rounded() for name, t in spread.items()},
         "noisy": sorted(name for name, t in spread.items() if t.noisy),
-        "memory_added_over_base_step": round(ms["mlp-memory"] / ms["base"] - 1, 3),
-        "decoder_equal_over_memory": round(ms[DECODER] / ms["mlp-memory"], 3),
+        "memory_added_over_base_step": round(ms[SystemName.MLP_MEMORY] / ms[SystemName.BASE] - 1, 3),
+        "decoder_equal_over_memory": round(ms[DECODER] / ms[SystemName.MLP_MEMORY], 3),
     }
 
 
@@ -426,15 +437,15 @@ def summarise(
     summary = {
         "targets": {
             "int8_kl_to_fp32_valid_keys": int8.get("mean_kl"),
-            "memory_added_over_base_step": round(ms["mlp-memory"] / ms["base"] - 1, 3),
+            "memory_added_over_base_step": round(ms[SystemName.MLP_MEMORY] / ms[SystemName.BASE] - 1, 3),
             "decoder_equal_over_memory_at_long_context": long["decoder_equal_over_memory"],
             "knn_over_memory": {str(r["datastore_size"]): r["knn_over_memory"] for r in knn_rows},
             "goals": "int8 KL <= 1e-3; memory added <= 0.5 of the base step; decoder / (base + memory) >= 1.3 at "
             "the long context",
         },
-        "memory_over_base": round(ms["mlp-memory"] / ms["base"], 3),
-        "decoder_equal_over_memory": round(ms[DECODER] / ms["mlp-memory"], 3),
-        "crossover": crossover(knn_rows, ms["mlp-memory"]),
+        "memory_over_base": round(ms[SystemName.MLP_MEMORY] / ms[SystemName.BASE], 3),
+        "decoder_equal_over_memory": round(ms[DECODER] / ms[SystemName.MLP_MEMORY], 3),
+        "crossover": crossover(knn_rows, ms[SystemName.MLP_MEMORY]),
         "crossover_best_memory": crossover(knn_rows, ms[best_name]) if best else None,
         "knn_over_memory": {str(r["datastore_size"]): r["knn_over_memory"] for r in knn_rows},
         "knn_over_best_memory": {str(r["datastore_size"]): r["knn_over_best_memory"] for r in knn_rows},
@@ -454,7 +465,7 @@ def summarise(
         "do): their ratios are not meaningful; rerun on an idle machine",
     }
     if best:
-        summary[f"{best_name}_over_base"] = round(ms[best_name] / ms["base"], 3)
+        summary[f"{best_name}_over_base"] = round(ms[best_name] / ms[SystemName.BASE], 3)
         summary["decoder_equal_over_best_memory"] = round(ms[DECODER] / ms[best_name], 3)
     return summary
 
@@ -508,5 +519,5 @@ def bench(config: BenchConfig) -> dict[str, Any]:
         if (section := system.bench(s.run, s.prompt, config, s.device)) is not None:
             report[system.name] = section
     atomic_write_json(out_dir / "bench.json", report)
-    plot(report["results"], fixed.bytes["mlp-memory"], out_dir / "bench.png")
+    plot(report["results"], fixed.bytes[SystemName.MLP_MEMORY], out_dir / "bench.png")
     return report

@@ -21,8 +21,9 @@ from typing import Any
 from mlpmem.config import LmEvalConfig
 from mlpmem.devices import resolve_device
 from mlpmem.errors import UsageError
+from mlpmem.memory_system import SystemName
 
-SYSTEMS = ("base", "mlp-memory")
+SYSTEMS = (SystemName.BASE, SystemName.MLP_MEMORY)
 SHIPPED_TASKS = Path(__file__).parent / "lm_eval_tasks"  # tasks shipped with mlpmem (wikitext2_slice), always found
 
 
@@ -159,7 +160,7 @@ def has_nan(value: Any) -> bool:
 def metric_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, float, float]]:
     """(task, metric, base, mlp-memory) for every metric lm-eval reports (standard errors left out)."""
     rows = []
-    base, memory = results["base"]["results"], results["mlp-memory"]["results"]
+    base, memory = results[SystemName.BASE]["results"], results[SystemName.MLP_MEMORY]["results"]
     for task, metrics in base.items():
         for key, value in metrics.items():
             metric = "," in key and not isinstance(value, bool) and isinstance(value, int | float)

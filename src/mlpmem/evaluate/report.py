@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mlpmem.manifests import EvaluateManifest, SystemResult
+from mlpmem.memory_system import SystemName
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -26,7 +27,10 @@ def format_table(systems: list[SystemResult], overlap: str | None = None) -> str
     rows = [f"{'system':<20} {'valid PPL':>11} {'test PPL':>11} {'lambda':>13} {'T':>7}"]
     for s in systems:
         lmbda_text = "+".join(f"{v:g}" for v in s.weights.values()) if s.weights else _fmt(s.lmbda, "g")
-        marks = {split: OVERLAP_MARK if split == overlap and s.name != "base" else " " for split in ("valid", "test")}
+        marks = {
+            split: OVERLAP_MARK if split == overlap and s.name != SystemName.BASE else " "
+            for split in ("valid", "test")
+        }
         edge = {name: EDGE_MARK if name in s.edges else " " for name in ("lambda", "T")}
         rows.append(
             f"{s.name:<20} {_fmt(s.valid_ppl, '.2f'):>10}{marks['valid']} {_fmt(s.test_ppl, '.2f'):>10}{marks['test']} "
@@ -79,7 +83,7 @@ def plot_lambda_curves(curves: dict[str, dict[float, float]], base_ppl: float, p
     for name, curve in curves.items():
         xs = sorted(curve)
         ax.plot(xs, [curve[x] for x in xs], marker="o", label=name)
-    ax.axhline(base_ppl, color="gray", linestyle="--", label="base")
+    ax.axhline(base_ppl, color="gray", linestyle="--", label=SystemName.BASE)
     ax.set_xlabel("λ (weight of the memory / retrieval)")
     ax.set_ylabel("validation perplexity")
     ax.legend()

@@ -20,6 +20,7 @@ from mlpmem.explicit.model import ExplicitMemory
 from mlpmem.explicit.scoring import ExplicitReader
 from mlpmem.manifests import ExplicitMemoriesManifest, ReferencesManifest
 from mlpmem.measure import interleaved_decode_ms
+from mlpmem.memory_system import SystemName
 
 
 def retrieval_ms(reader: ExplicitReader, tokens: np.ndarray, queries: int, seed: int) -> float:
@@ -57,13 +58,13 @@ def measure_explicit(run: RunDir, prompt: torch.Tensor, config: Any, device: tor
     kv = reader.store.kv(reader.store.search(tokens, [len(tokens)], reader.k)).to(device)
     memory = ExplicitMemory.visible_everywhere(kv)
     systems = {
-        "explicit-no-memory": model.generate,
-        "explicit-memory": functools.partial(model.generate, memory=memory),
+        SystemName.EXPLICIT_NO_MEMORY: model.generate,
+        SystemName.EXPLICIT_MEMORY: functools.partial(model.generate, memory=memory),
     }
     ms = interleaved_decode_ms(systems, prompt, config.new_tokens, config.repeats)
     search = retrieval_ms(reader, tokens, 20, config.seed)
     chunk = reader.chunk
-    with_retrieval = ms["explicit-memory"].median + search / chunk
+    with_retrieval = ms[SystemName.EXPLICIT_MEMORY].median + search / chunk
     return {
         "decode_ms": {name: spread.rounded() for name, spread in ms.items()},
         "retrieval_ms_per_query": round(search, 4),
