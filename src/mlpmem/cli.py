@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from mlpmem import __version__
 from mlpmem.artifacts import RunDir
@@ -96,8 +97,32 @@ def parse_value(raw: str | list[str], annotation: Any) -> Any:
     return value
 
 
+def settings_group(annotation: Any) -> type[BaseModel] | None:
+    """The model of a field that is a group of settings (``facts`` of prepare: ``--facts.n-people``), else None."""
+    group = next((a for a in (annotation, *_args_of(annotation)) if isinstance(a, type)), None)
+    return group if group is not None and issubclass(group, BaseModel) else None
+
+
+def group_flags(parser: argparse.ArgumentParser, name: str, group: type[BaseModel]) -> None:
+    """``--GROUP.FIELD`` flags (dest ``GROUP.FIELD``) for every field of a settings group."""
+    for key, field in group.model_fields.items():
+        flags = sorted({f"--{name.replace('_', '-')}.{key.replace('_', '-')}", f"--{name}.{key}"})
+        kind = {"nargs": "+"} if accepts(field.annotation, list) else {}
+        parser.add_argument(
+            *flags,
+            dest=f"{name}.{key}",
+            default=argparse.SUPPRESS,
+            metavar=metavar(field.annotation),
+            **kind,
+            help=f"{field.description} (default: {field.default})",
+        )
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type[StageConfig]) -> None:
     for name, field in cls.model_fields.items():
+        if (group := settings_group(field.annotation)) is not None:
+            group_flags(parser, name, group)
+            continue
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         flags = sorted({f"--{name.replace('_', '-')}", f"--{name}", *extra.get("cli_aliases", [])})
         default = field.default if field.default is not None else "none"
@@ -129,7 +154,17 @@ def stage_config(stage: str, args: argparse.Namespace) -> StageConfig:
     for name, field in cls.model_fields.items():
         if hasattr(args, name):
             data[name] = parse_value(getattr(args, name), field.annotation)
+        if (group := settings_group(field.annotation)) is not None:
+            given = {k: getattr(args, f"{name}.{k}") for k in group.model_fields if hasattr(args, f"{name}.{k}")}
+            if given:
+                data[name] = {**(data.get(name) or {}), **parse_group(given, group)}
     return validate(cls, data)
+
+
+def parse_group(given: dict[str, Any], group: type[BaseModel]) -> dict[str, Any]:
+    """Flag values of a settings group read as its fields' types (an unknown key is left for validation)."""
+    fields = group.model_fields
+    return {k: parse_value(v, fields[k].annotation if k in fields else Any) for k, v in given.items()}
 
 
 # mlpmem run --------------------------------------------------------------------------------------------------
@@ -153,13 +188,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if len(path) == 1:
             data[path[0]] = one_value(flag, values)
             continue
-        if len(path) != 2:
-            raise UsageError(f"override {flag} must be --section.key")
+        if len(path) not in (2, 3):
+            raise UsageError(f"override {flag} must be --section.key (or --section.group.key)")
         section = data.setdefault(path[0], {})
         if not isinstance(section, dict):
             raise UsageError(f"override {flag}: {path[0]} is not a section")
         spec = next((s for s in STAGES if s.section == path[0]), None)
         field = spec.config.model_fields.get(path[1]) if spec else None
+        group = settings_group(field.annotation) if field else None
+        if len(path) == 3:  # a settings group's field: --prepare.facts.n_people 500
+            if group is None:
+                raise UsageError(f"override {flag}: {path[0]}.{path[1]} is not a group of settings")
+            key = group.model_fields.get(path[2])
+            if key is not None and not accepts(key.annotation, list):
+                values = [one_value(flag, values)]
+            section[path[1]] = {**(section.get(path[1]) or {}), **parse_group({path[2]: values}, group)}
+            continue
         if field is not None and not accepts(field.annotation, list):
             values = [one_value(flag, values)]
         section[path[1]] = parse_value(values, field.annotation if field else Any)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mlpmem.data.facts import FactsConfig
 from mlpmem.errors import UsageError
 
 Device = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
@@ -100,9 +101,11 @@ class StageConfig(BaseModel):
 class PrepareConfig(StageConfig):
     corpus: str = Field(
         "wikitext-2-slice",
-        description="corpus: 'wikitext-2-slice' (bundled), 'wikitext-2' (full, from shared/data), a UTF-8 "
-        "text file or directory of them, or 'hf:NAME[:CONFIG]' (Hugging Face datasets)",
+        description="corpus: 'wikitext-2-slice' (bundled), 'wikitext-2' (full, from shared/data), 'facts' "
+        "(synthetic biographies and their probes, settings --facts.*), a UTF-8 text file or directory of them, or "
+        "'hf:NAME[:CONFIG]' (Hugging Face datasets)",
     )
+    facts: FactsConfig | None = Field(None, description="settings of --corpus facts (default: its defaults)")
     tokenizer: str | None = Field(None, description="tokenizer of the base model (HF id or path)")
     train_tokenizer: int | None = Field(
         None, ge=260, description="train a byte-level BPE with this vocabulary size instead"
@@ -116,6 +119,16 @@ class PrepareConfig(StageConfig):
     test_fraction: float = Field(0.05, gt=0, lt=0.5, description="share carved for test when the source has no split")
     text_column: str = Field("text", description="column holding the text in a Hugging Face dataset")
     replace: bool = replace_setting()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _facts_settings(cls, data: Any) -> Any:
+        """--corpus facts takes its settings' defaults; another corpus takes none."""
+        if isinstance(data, dict) and data.get("corpus") == "facts" and data.get("facts") is None:
+            return {**data, "facts": {}}
+        if isinstance(data, dict) and data.get("facts") is not None and data.get("corpus") != "facts":
+            raise ValueError("--facts.* settings are for --corpus facts only")
+        return data
 
     @model_validator(mode="after")
     def _one_tokenizer(self) -> PrepareConfig:
@@ -212,7 +225,9 @@ class EvaluateConfig(StageConfig):
 
 
 class DatastoreConfig(StageConfig):
-    split: Literal["train", "valid", "test"] = Field("train", description="split whose keys are stored")
+    split: Literal["train", "valid", "test", "memory"] = Field(
+        "train", description="split whose keys are stored (memory: train + the memory-only text of --corpus facts)"
+    )
     context: int | None = Field(None, ge=2, description="window length; default: the LM's positions")
     stride: int | None = Field(None, ge=1, description="new keys per window; default: context // 2")
     batch_size: int = setting(8, "windows per forward pass", ge=1)
@@ -478,7 +493,10 @@ def to_yaml(config: BaseModel) -> str:
 
 
 class ReferencesConfig(StageConfig):
-    split: Literal["train", "valid", "test"] = Field("train", description="prepared split cut into references")
+    split: Literal["train", "valid", "test", "memory"] = Field(
+        "train",
+        description="prepared split cut into references (memory: train + the memory-only text of --corpus facts)",
+    )
     corpus: str | None = Field(
         None,
         description="a corpus (any source `prepare` accepts) whose train split, tokenized with the run's tokenizer, "

@@ -28,7 +28,8 @@ from mlpmem.memory_system import SystemName
 
 
 class PrepareManifest(Manifest):
-    """Token stores ``train``/``valid``/``test`` (arrays) and the tokenizer folder."""
+    """Token stores ``train``/``valid``/``test`` (arrays) and the tokenizer folder; a facts corpus adds ``memory``
+    (train, then the memory-only people's biographies) and ``probes.json`` (``mlpmem.data.facts.ProbeSet``)."""
 
     STAGE = "prepare"
     config: PrepareConfig
@@ -36,6 +37,7 @@ class PrepareManifest(Manifest):
     vocab_size: int | None = None
     tokenizer_fingerprint: str | None = None
     corpus_fingerprint: str | None = None
+    probes: int | None = None  # knowledge probes written (facts corpus)
 
     def split_tokens(self, split: str) -> int:
         return self.arrays[split].shape[0]

@@ -1,6 +1,7 @@
 """``mlpmem prepare``: corpus → tokenizer → token-id memmaps per split, with a manifest.
 
 mlpmem prepare --corpus wikitext-2-slice --train-tokenizer 4096 --run-dir runs/demo
+mlpmem prepare --corpus facts --train-tokenizer 2048 --run-dir runs/facts   # + the memory split and probes.json
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import numpy as np
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from mlpmem.artifacts import RunDir, fingerprint_obj
+from mlpmem.artifacts import RunDir, atomic_write_bytes, fingerprint_obj
 from mlpmem.config import PrepareConfig
-from mlpmem.data.corpus import SPLITS, Corpus, load_corpus
+from mlpmem.data.corpus import Corpus, load_corpus
+from mlpmem.data.facts import PROBES, generate_facts
 from mlpmem.data.tokens import token_dtype
 from mlpmem.errors import UsageError
 from mlpmem.hub import load_tokenizer
@@ -62,7 +64,7 @@ def load_source(config: PrepareConfig) -> Corpus:
 
 def local_source(config: PrepareConfig) -> bool:
     """Whether the corpus is the user's own text (a file or folder), which may be edited after prepare."""
-    return config.corpus not in ("wikitext-2-slice", "wikitext-2") and not config.corpus.startswith("hf:")
+    return config.corpus not in ("wikitext-2-slice", "wikitext-2", "facts") and not config.corpus.startswith("hf:")
 
 
 def corpus_inputs(run: RunDir, corpus: Corpus | None) -> dict[str, str]:
@@ -79,7 +81,8 @@ def corpus_inputs(run: RunDir, corpus: Corpus | None) -> dict[str, str]:
 
 
 def prepare(config: PrepareConfig) -> PrepareManifest:
-    """Tokenize the corpus into RUN/prepare/{train,valid,test}.bin; returns the complete manifest."""
+    """Tokenize the corpus into RUN/prepare/{train,valid,test}.bin (a facts corpus: also memory.bin and
+    probes.json); returns the complete manifest."""
     run = RunDir(config.run_dir)
     corpus = load_source(config) if local_source(config) else None  # read first: its text is an input
     inputs = corpus_inputs(run, corpus)
@@ -87,6 +90,10 @@ def prepare(config: PrepareConfig) -> PrepareManifest:
     build = run.begin("prepare", config, inputs)
     if build.status == "complete":
         return build.manifest
+    probes = None
+    if config.facts is not None:  # --corpus facts: generated from its settings, with a fourth split and probes
+        facts = generate_facts(config.facts)
+        corpus, probes = Corpus(facts.splits, "synthetic biographies (--corpus facts)"), facts.probes
     corpus = corpus or load_source(config)
     if config.tokenizer is not None:
         tokenizer = load_tokenizer(config.tokenizer)
@@ -94,16 +101,19 @@ def prepare(config: PrepareConfig) -> PrepareManifest:
         tokenizer = train_bpe(corpus.splits["train"], config.train_tokenizer)
     tokenizer.save_pretrained(build.dir / "tokenizer")
     vocab_size = len(tokenizer)
-    for split in SPLITS:
+    for split in corpus.splits:  # train, valid, test (and memory)
         ids = encode(tokenizer, corpus.splits[split], split)
         if len(ids) < 2:
             raise UsageError(f"corpus {config.corpus}: the {split} split has fewer than 2 tokens")
         arr = build.add_array(split, token_dtype(vocab_size).name, (len(ids),))
         arr[:] = ids
         arr.flush()
+    if probes is not None:
+        atomic_write_bytes(build.dir / PROBES, probes.model_dump_json().encode())
     return build.complete(
         source=corpus.source,
         vocab_size=vocab_size,
         tokenizer_fingerprint=vocab_fingerprint(tokenizer),
         corpus_fingerprint=fingerprint_obj(corpus.splits),
+        probes=None if probes is None else len(probes.probes),
     )

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mlpmem.artifacts import RunDir
+from mlpmem.artifacts import Manifest, RunDir
 from mlpmem.errors import UsageError
 
 SPLITS = ("train", "valid", "test")
@@ -23,9 +23,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
-def open_split(run_dir: Path, split: str) -> np.memmap:
-    """Read-only token ids of one prepared split, shape [n_tokens]."""
-    return RunDir(run_dir).array("prepare", split)
+def open_split(run_dir: Path, split: str, prepare: Manifest | None = None) -> np.memmap:
+    """Read-only token ids of one prepared split, shape [n_tokens]; UsageError (``--split``) when the run has no
+    such split (``memory`` exists only for --corpus facts)."""
+    run = RunDir(run_dir)
+    prepare = prepare or run.require("prepare")
+    if split not in prepare.arrays:
+        raise UsageError(
+            f"{run.path} has no {split} split (it has {', '.join(prepare.arrays)}; "
+            "the memory split is written by `mlpmem prepare --corpus facts`)",
+            field="split",
+        )
+    return run.array("prepare", split, prepare)
 
 
 def tokenizer_dir(run_dir: Path) -> Path:

@@ -19,7 +19,7 @@ import numpy as np
 
 from mlpmem.artifacts import RunDir, StageBuild
 from mlpmem.config import ReferencesConfig
-from mlpmem.data.tokens import check_token_ids, source_of, token_dtype, tokenizer_dir
+from mlpmem.data.tokens import check_token_ids, open_split, source_of, token_dtype, tokenizer_dir
 from mlpmem.devices import resolve_device
 from mlpmem.errors import UsageError
 from mlpmem.explicit.retriever import (
@@ -48,7 +48,7 @@ def cut(n_tokens: int, chunk_tokens: int) -> np.ndarray:
 def source_tokens(config: ReferencesConfig, run: RunDir, prepare) -> tuple[np.ndarray, str]:
     """The token stream to cut and its description."""
     if config.corpus is None:
-        return run.array("prepare", config.split, prepare), f"split:{config.split}"
+        return open_split(run.path, config.split, prepare), f"split:{config.split}"
     from mlpmem.data.corpus import load_corpus
     from mlpmem.data.prepare import encode
     from mlpmem.lm.load import load_tokenizer
