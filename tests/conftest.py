@@ -34,21 +34,27 @@ def tiny_gpt2(vocab_size: int = TINY_VOCAB, n_positions: int = 64, seed: int = 0
     return GPT2LMHeadModel(config).eval()
 
 
-def make_tiny_run(run_dir: Path, n_train: int = 3000, n_eval: int = 600, seed: int = 0) -> Path:
+def make_tiny_run(run_dir: Path, n_train: int = 3000, n_eval: int = 600, seed: int = 0, n_memory: int = 0) -> Path:
     """A run directory with complete 'prepare' (random token splits) and 'train-lm' (tiny GPT-2) stages, made
-    through the real stage API (``RunDir.begin`` ... ``complete``) with synthetic content.
+    through the real stage API (``RunDir.begin`` ... ``complete``) with synthetic content. ``n_memory`` > 0 adds a
+    ``memory`` split (as --corpus facts writes): the train tokens, then ``n_memory`` more.
 
     Tokens follow a noisy repeating pattern so that neighbours carry signal.
     """
     rng = np.random.default_rng(seed)
     run = RunDir(run_dir)
     prepare = run.begin("prepare", PrepareConfig(corpus=f"synthetic-{seed}", train_tokenizer=TINY_VOCAB * 3), {})
-    for split, n in (("train", n_train), ("valid", n_eval), ("test", n_eval)):
+    made = {}
+    for split, n in (("train", n_train), ("valid", n_eval), ("test", n_eval), ("memory", n_memory)):
         base = np.tile(np.arange(TINY_VOCAB // 3), n // (TINY_VOCAB // 3) + 1)[:n]
         noise = rng.integers(0, TINY_VOCAB, n)
-        tokens = np.where(rng.random(n) < 0.2, noise, base).astype(np.uint16)
-        arr = prepare.add_array(split, "uint16", (n,))
-        arr[:] = tokens
+        made[split] = np.where(rng.random(n) < 0.2, noise, base).astype(np.uint16)
+        if split == "memory":
+            if not n:
+                break
+            made[split] = np.concatenate([made["train"], made[split]])
+        arr = prepare.add_array(split, "uint16", made[split].shape)
+        arr[:] = made[split]
         arr.flush()
     tok_fp = fingerprint_obj({"synthetic_tokenizer": TINY_VOCAB})
     prep = prepare.complete(source="synthetic", tokenizer_fingerprint=tok_fp, vocab_size=TINY_VOCAB)

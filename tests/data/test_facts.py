@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from mlpmem.artifacts import RunDir
 from mlpmem.cli import apply_overrides, main
-from mlpmem.config import PrepareConfig, ReferencesConfig, validate
+from mlpmem.config import DatastoreConfig, PrepareConfig, ReferencesConfig, validate
 from mlpmem.data.facts import (
     ATTRIBUTES,
     HELD_OUT_TEMPLATES,
@@ -23,8 +23,11 @@ from mlpmem.data.facts import (
 from mlpmem.data.prepare import prepare
 from mlpmem.errors import UsageError
 from mlpmem.explicit.references import build_references
+from mlpmem.knn.datastore import build_datastore
 from mlpmem.presets import load_pipeline
 from mlpmem.stages import RunConfig
+
+from conftest import make_tiny_run
 
 SMALL = FactsConfig(n_people=30, n_memory_only=12, n_unseen=8, biographies_per_person=3, values_per_attribute=10)
 
@@ -226,3 +229,16 @@ def test_the_facts_preset_reads_the_memory_split_and_takes_group_overrides():
     assert configs["prepare"].facts.n_memory_only == 100  # the preset's other settings stay
     assert configs["datastore"].split == configs["references"].split == "memory"
     assert yaml.safe_load(yaml.safe_dump(configs["prepare"].model_dump(mode="json")))["facts"]["n_people"] == 7
+
+
+def test_the_datastore_stores_the_memory_split_and_a_run_without_one_is_refused(tmp_path):
+    with_memory = make_tiny_run(tmp_path / "facts", n_train=600, n_eval=200, n_memory=300)
+    manifest = build_datastore(DatastoreConfig(run_dir=with_memory, split="memory", device="cpu"))
+    memory = np.asarray(RunDir(with_memory).array("prepare", "memory"))
+    assert len(memory) == 900 and manifest.entries == len(memory) - 1
+    assert np.array_equal(RunDir(with_memory).array("datastore", "values"), memory[1:])  # entry i predicts i + 1
+    without = make_tiny_run(tmp_path / "plain", n_train=600, n_eval=200)
+    with pytest.raises(UsageError, match="has no memory split") as info:
+        build_datastore(DatastoreConfig(run_dir=without, split="memory", device="cpu"))
+    assert info.value.field == "split" and not (without / "datastore").exists()
+    assert not (without / "datastore.partial").exists()

@@ -15,8 +15,8 @@ from conftest import make_tiny_run, tiny_gpt2
 from gen_inputs import tiny_tokenizer
 
 
-def explicit_run(run_dir: Path, n_train: int = 1200, n_eval: int = 300) -> Path:
-    make_tiny_run(run_dir, n_train=n_train, n_eval=n_eval)
+def explicit_run(run_dir: Path, n_train: int = 1200, n_eval: int = 300, n_memory: int = 0) -> Path:
+    make_tiny_run(run_dir, n_train=n_train, n_eval=n_eval, n_memory=n_memory)
     run = RunDir(run_dir)
     build = run.begin(
         "train-lm",
@@ -42,8 +42,9 @@ CONFIG = dict(  # train-explicit on the tiny run: 16-token chunks, 3 memory chun
 )
 
 
-def memory_run(path):
-    explicit_run(path)
-    build_references(ReferencesConfig(run_dir=path, chunk_tokens=32, query_tokens=16, recall_samples=0))
+def memory_run(path, split: str = "train", n_memory: int = 0):
+    """The tiny run with references cut from ``split`` (``memory``: the train tokens and ``n_memory`` more)."""
+    explicit_run(path, n_memory=n_memory)
+    build_references(ReferencesConfig(run_dir=path, split=split, chunk_tokens=32, query_tokens=16, recall_samples=0))
     build_explicit_memories(ExplicitMemoriesConfig(run_dir=path, keep_tokens=4, device="cpu"))
     return path

@@ -28,9 +28,7 @@ def trained(tmp_path_factory):
         torch.set_num_threads(before)
 
 
-def test_each_chunk_retrieves_with_the_tokens_before_it_and_never_its_own_reference(trained):
-    path, manifest = trained
-    run = RunDir(path)
+def check_own_reference_excluded(run: RunDir) -> None:
     refs = run.array("train-explicit", "chunk_refs")
     train = np.asarray(run.array("prepare", "train"), dtype=np.int64)
     retriever = BM25Retriever.load(run.file("references", BM25_DIR))
@@ -40,6 +38,20 @@ def test_each_chunk_retrieves_with_the_tokens_before_it_and_never_its_own_refere
         assert refs[c] != own
         ranked = [r for r in retriever.search([train[c * 16 - 16 : c * 16]], 4)[0] if r != own]
         assert refs[c] == ranked[0]
+
+
+def test_each_chunk_retrieves_with_the_tokens_before_it_and_never_its_own_reference(trained):
+    path, manifest = trained
+    check_own_reference_excluded(RunDir(path))
+
+
+def test_references_of_the_memory_split_exclude_a_chunks_own_text_too(tmp_path):
+    """The memory split (--corpus facts) starts with the train tokens: a training chunk's own reference is there."""
+    path = memory_run(tmp_path / "run", split="memory", n_memory=400)
+    train_mod.train_explicit(TrainExplicitConfig(run_dir=path, **{**CONFIG, "max_steps": 1, "control": False}))
+    run = RunDir(path)
+    assert run.require("references").references == (1200 + 400) // 32  # more references than train alone holds
+    check_own_reference_excluded(run)
 
 
 def test_both_models_are_trained_from_the_warm_up_lm(trained):

@@ -56,7 +56,7 @@ def retrieve_training_chunks(
     of each piece are checked against the LM's ``vocab_size`` as they are read (a query reads the piece before)."""
     n = len(tokens) // config.chunk_tokens
     out = build.add_array("chunk_refs", "int64", (n,))
-    same_stream = store.source == "split:train"
+    same_stream = store.source in ("split:train", "split:memory")  # memory: the train tokens first, then more
     done = build.done_chunks()
     for piece, a in enumerate(progress(range(0, n, RETRIEVAL_CHUNK), desc="retrieve", unit="piece")):
         if piece in done:
