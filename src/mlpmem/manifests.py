@@ -43,7 +43,8 @@ class PrepareManifest(Manifest):
         return self.arrays[split].shape[0]
 
     def summary(self) -> dict[str, Any]:
-        return {**{f"{s}_tokens": self.split_tokens(s) for s in self.arrays}, "vocab_size": self.vocab_size}
+        probes = {} if self.probes is None else {"probes": self.probes}
+        return {**{f"{s}_tokens": self.split_tokens(s) for s in self.arrays}, "vocab_size": self.vocab_size, **probes}
 
 
 class TrainLMManifest(Manifest):

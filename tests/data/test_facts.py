@@ -155,7 +155,7 @@ def test_prepare_writes_four_splits_and_fingerprinted_probes(prepared, facts):
     assert np.array_equal(memory[: len(train)], train)  # memory = train, then the memory-only biographies
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "prepare" / "tokenizer")
     assert tokenizer.decode(memory.tolist()) == facts.splits["memory"]
-    assert "probes.json" in manifest.files and manifest.probes == len(facts.probes.probes)
+    assert "probes.json" in manifest.files and manifest.summary()["probes"] == len(facts.probes.probes)
     assert load_probes(run_dir) == facts.probes
     path = run_dir / "prepare" / "probes.json"
     original = path.read_bytes()
