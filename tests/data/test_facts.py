@@ -156,6 +156,8 @@ def test_prepare_writes_four_splits_and_fingerprinted_probes(prepared, facts):
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "prepare" / "tokenizer")
     assert tokenizer.decode(memory.tolist()) == facts.splits["memory"]
     assert "probes.json" in manifest.files and manifest.summary()["probes"] == len(facts.probes.probes)
+    again = prepare(PrepareConfig(run_dir=run_dir, corpus="facts", train_tokenizer=300, facts=SMALL))
+    assert again.fingerprint == manifest.fingerprint and again.timings == manifest.timings  # reused, not rebuilt
     assert load_probes(run_dir) == facts.probes
     path = run_dir / "prepare" / "probes.json"
     original = path.read_bytes()
