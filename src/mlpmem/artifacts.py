@@ -581,6 +581,7 @@ class RunDir:
 
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"run directory {self.path} is a file, not a folder")
+        created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             lock = FileLock(self.path / LOCK, timeout=0)
@@ -612,6 +613,9 @@ class RunDir:
         finally:
             (self.path / f"{LOCK}.holder.json").unlink(missing_ok=True)
             lock.release()
+            if created and {p.name for p in self.path.iterdir()} <= {LOCK}:  # refused before writing: leave no trace
+                (self.path / LOCK).unlink(missing_ok=True)
+                self.path.rmdir()
 
 
 class StageBuild:

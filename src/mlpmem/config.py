@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mlpmem.data.facts import FactsConfig
 from mlpmem.errors import UsageError
 
 Device = str  # "auto", "cpu", "cuda", "cuda:1", "mps"
@@ -23,6 +22,38 @@ Weight = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]  # a mixing we
 Temperature = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # T of softmax(-d/T)
 MemoryDType = Literal["fp32", "bf16", "int8"]
 MEMORY_DTYPE_HELP = "the memory's weights: fp32, bf16, or int8 (weight-only, one scale per output channel)"
+
+
+Attribute = Literal["birth_date", "birth_city", "university", "field", "employer", "employer_city"]
+ATTRIBUTES: tuple[str, ...] = Attribute.__args__  # type: ignore[attr-defined]
+
+
+class FactsConfig(BaseModel):
+    """The settings of ``--corpus facts`` (``--facts.FIELD``): what the generator writes, all from ``seed``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    n_people: int = Field(200, ge=1, description="seen people: in train (and held-out biographies in valid/test)")
+    n_memory_only: int = Field(
+        100, ge=0, description="memory-only people: only in the memory split (datastore, memory keys, references)"
+    )
+    n_unseen: int = Field(100, ge=0, description="unseen people: in no text, only probed (hallucination)")
+    biographies_per_person: int = Field(4, ge=1, description="biographies of each seen or memory-only person")
+    held_out_biographies: int = Field(1, ge=1, description="other biographies of each seen person in valid and in test")
+    values_per_attribute: int = Field(
+        32, ge=2, le=10_000, description="distinct values of each attribute (the candidates of its probes)"
+    )
+    attributes: list[Attribute] = Field(
+        list(ATTRIBUTES), min_length=1, description="attributes each person has and each biography states"
+    )
+    seed: int = Field(0, description="seed of names, values, templates and order")
+
+    @field_validator("attributes")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("lists an attribute twice")
+        return v
 
 
 def nameable(path: Path) -> Path:

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict
 
+from mlpmem.config import ATTRIBUTES, Attribute, FactsConfig  # noqa: F401 - the settings live in the core config
 from mlpmem.errors import UsageError
 
-Attribute = Literal["birth_date", "birth_city", "university", "field", "employer", "employer_city"]
-ATTRIBUTES: tuple[str, ...] = Attribute.__args__  # type: ignore[attr-defined]
 PersonSet = Literal["seen", "memory-only", "unseen"]
 PROBES = "probes.json"  # in the prepare folder of a facts run
 
@@ -99,49 +98,24 @@ HELD_OUT_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
-class FactsConfig(BaseModel):
-    """The settings of ``--corpus facts`` (``--facts.FIELD``): what the generator writes, all from ``seed``."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    n_people: int = Field(200, ge=1, description="seen people: in train (and held-out biographies in valid/test)")
-    n_memory_only: int = Field(
-        100, ge=0, description="memory-only people: only in the memory split (datastore, memory keys, references)"
-    )
-    n_unseen: int = Field(100, ge=0, description="unseen people: in no text, only probed (hallucination)")
-    biographies_per_person: int = Field(4, ge=1, description="biographies of each seen or memory-only person")
-    held_out_biographies: int = Field(1, ge=1, description="other biographies of each seen person in valid and in test")
-    values_per_attribute: int = Field(
-        32, ge=2, le=10_000, description="distinct values of each attribute (the candidates of its probes)"
-    )
-    attributes: list[Attribute] = Field(
-        list(ATTRIBUTES), min_length=1, description="attributes each person has and each biography states"
-    )
-    seed: int = Field(0, description="seed of names, values, templates and order")
-
-    @field_validator("attributes")
-    @classmethod
-    def _distinct(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("lists an attribute twice")
-        return v
-
-    @model_validator(mode="after")
-    def _feasible(self) -> FactsConfig:
-        total = self.n_people + self.n_memory_only + self.n_unseen
-        if total > NAME_CAPACITY:
-            raise ValueError(
-                f"n_people + n_memory_only + n_unseen = {total:,} people, more than the {NAME_CAPACITY:,} distinct "
-                "names the syllable generator makes"
-            )
-        needed = self.biographies_per_person + 2 * self.held_out_biographies
-        possible = math.factorial(len(self.attributes)) * math.prod(len(TRAIN_TEMPLATES[a]) for a in self.attributes)
-        if needed > possible:
-            raise ValueError(
-                f"biographies_per_person + 2 * held_out_biographies = {needed} distinct biographies per person, but "
-                f"{len(self.attributes)} attribute(s) make only {possible}"
-            )
-        return self
+def check_feasible(config: FactsConfig) -> None:
+    """UsageError (field ``facts``) for settings the generator cannot meet: more people than it has distinct
+    names, or more distinct biographies per person than the attributes' templates and orders make."""
+    total = config.n_people + config.n_memory_only + config.n_unseen
+    if total > NAME_CAPACITY:
+        raise UsageError(
+            f"n_people + n_memory_only + n_unseen = {total:,} people, more than the {NAME_CAPACITY:,} distinct "
+            "names the syllable generator makes",
+            field="facts",
+        )
+    needed = config.biographies_per_person + 2 * config.held_out_biographies
+    possible = math.factorial(len(config.attributes)) * math.prod(len(TRAIN_TEMPLATES[a]) for a in config.attributes)
+    if needed > possible:
+        raise UsageError(
+            f"biographies_per_person + 2 * held_out_biographies = {needed} distinct biographies per person, but "
+            f"{len(config.attributes)} attribute(s) make only {possible}",
+            field="facts",
+        )
 
 
 class Person(BaseModel):

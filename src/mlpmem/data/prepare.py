@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from mlpmem.artifacts import RunDir, atomic_write_bytes, fingerprint_obj
 from mlpmem.config import PrepareConfig
 from mlpmem.data.corpus import Corpus, load_corpus
-from mlpmem.data.facts import PROBES, generate_facts
+from mlpmem.data.facts import PROBES, check_feasible, generate_facts
 from mlpmem.data.tokens import token_dtype
 from mlpmem.errors import UsageError
 from mlpmem.hub import load_tokenizer
@@ -84,6 +84,8 @@ def prepare(config: PrepareConfig) -> PrepareManifest:
     """Tokenize the corpus into RUN/prepare/{train,valid,test}.bin (a facts corpus: also memory.bin and
     probes.json); returns the complete manifest."""
     run = RunDir(config.run_dir)
+    if config.facts is not None:
+        check_feasible(config.facts)  # before anything is written
     corpus = load_source(config) if local_source(config) else None  # read first: its text is an input
     inputs = corpus_inputs(run, corpus)
     run.refuse_replacing("prepare", config, inputs)  # later stages built on another corpus/tokenizer/text
