@@ -336,3 +336,12 @@ def test_openmp_threads_wait_passively_unless_the_user_chose(monkeypatch, tmp_pa
         monkeypatch.setenv("OMP_WAIT_POLICY", preset)
     main(["verify", str(tmp_path / "no-run")])
     assert os.environ["OMP_WAIT_POLICY"] == expected
+
+
+def test_library_chatter_stays_off_even_at_debug(tmp_path, caplog):
+    """--log-level debug shows mlpmem's own lines, not the libraries' (bm25s logs its index building)."""
+    import logging
+
+    main(["--log-level", "debug", "verify", str(tmp_path / "no-run")])
+    for name in ("bm25s", "faiss", "accelerate", "datasets"):
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO), name

@@ -455,11 +455,14 @@ def passive_openmp_waits() -> None:
 
 
 def quiet_libraries() -> None:
-    """Keep library chatter (weights-loading reports, hub warnings, hub progress bars) off the user's terminal."""
+    """Keep library chatter (weights-loading reports, hub warnings, hub progress bars, bm25s's index messages) off
+    the user's terminal, whatever --log-level mlpmem's own lines take."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    for name in ("bm25s", "faiss", "accelerate", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

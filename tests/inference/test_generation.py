@@ -286,3 +286,13 @@ def test_prompt_plus_new_tokens_beyond_the_positions_is_refused(generation_run, 
     with pytest.raises(UsageError, match="64 positions"):
         loaded(generation_run).generate(PROMPT, max_new_tokens=59)
     assert loaded(generation_run).generate(PROMPT, max_new_tokens=58).shape == (1, 64)  # exactly the positions: fine
+
+
+def test_printed_generations_end_without_blank_lines(capsys):
+    """A model that ends its continuation in newlines and spaces prints each continuation on its own line, and
+    nothing after it; a continuation without a leading space is set off from its prompt by one."""
+    from mlpmem.inference.generation import Generations, print_generations
+
+    result = Generations(["A", "B"], [" one\n\n\n  \n", "two  \n"], 1, "memory", 0.5, 0.0)
+    print_generations(result)
+    assert capsys.readouterr().out == "A one\nB two\n"

@@ -13,6 +13,7 @@ complete; an existing destination is replaced only when it holds an earlier expo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -24,6 +25,8 @@ from mlpmem.config import ExportConfig
 from mlpmem.errors import UsageError
 from mlpmem.export.card import model_card
 from mlpmem.inference.configuration import MODEL_TYPE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,9 +126,25 @@ def command_line(config: ExportConfig) -> str:
     return " ".join(parts)
 
 
+def edge_lambda_warning(result: Exported) -> str | None:
+    """What an edge λ means for the exported model, or None: at λ = 0 the memory is not used, and when the memory
+    and kNN-LM weights reach 1 the base LM is out of the mixture (often a λ grid's edge, worth a wider grid)."""
+    if result.lmbda + result.knn_lmbda >= 1:
+        return (
+            f"memory λ={result.lmbda:g}{f' + kNN-LM λ={result.knn_lmbda:g}' if result.knn_lmbda else ''} leaves "
+            "the base LM out of the exported model's mixture; if λ was tuned, widen `evaluate --lmbdas` below 1 or "
+            "pass --lmbda"
+        )
+    if result.lmbda == 0:
+        return "memory λ=0: the exported model never uses its memory (the base LM alone); pass --lmbda"
+    return None
+
+
 def print_export(result: Exported, config: ExportConfig | None = None) -> None:
-    """Where the folder is, λ and where it came from, each file's size."""
+    """Where the folder is, λ and where it came from (a warning at an edge of [0, 1]), each file's size."""
     knn = f", kNN-LM λ={result.knn_lmbda:g}" if result.knn_lmbda else ""
+    if (warning := edge_lambda_warning(result)) is not None:
+        log.warning(warning)
     print(f"exported to {result.out_dir} (memory λ={result.lmbda:g}: {result.lmbda_source}{knn})")
     for name, size in result.files.items():
         print(f"  {name:<28} {size:>12,} bytes")

@@ -392,8 +392,10 @@ def generate_from_config(config: GenerateConfig) -> Generations:
 
 
 def print_generations(result: Generations, config: GenerateConfig | None = None) -> None:
-    """Each continuation after its prompt on stdout; what was mixed on stderr."""
+    """Each continuation after its prompt on stdout, without the trailing blank lines or spaces a model may
+    generate (the returned texts keep them); what was mixed on stderr."""
     print(f"# {result.mixed}", file=sys.stderr)
     for i, prompt in enumerate(result.prompts):
         for text in result.outputs[i * result.per_prompt : (i + 1) * result.per_prompt]:
+            text = text.rstrip()
             print(f"{prompt}{text if text.startswith((' ', chr(10))) or not text else ' ' + text}")
