@@ -81,3 +81,15 @@ def one_thread():
 @pytest.fixture
 def tiny_run(tmp_path: Path) -> Path:
     return make_tiny_run(tmp_path / "run")
+
+
+@pytest.fixture
+def bit_rot(monkeypatch) -> None:
+    """Damage a read does not see: every file counts as large and keeps the identity (inode, times) recorded at
+    completion, as bytes that rot below the file system do, so reads trust it and only a full hash (``mlpmem
+    verify``) or the stage's own check of the values finds it. A file written in place moves its times, and reads
+    would refuse it by its hash first."""
+    from mlpmem import artifacts
+
+    monkeypatch.setattr(artifacts, "SMALL_FILE_BYTES", 0)
+    monkeypatch.setattr(artifacts.FileRecord, "same_identity", lambda self, st: True)

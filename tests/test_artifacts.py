@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -15,7 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlpmem.artifacts import RunDir, atomic_write_json, fingerprint_obj, fingerprint_path, read_json
+from mlpmem import artifacts
+from mlpmem.artifacts import (
+    RunDir,
+    StageBuild,
+    atomic_write_json,
+    fingerprint_obj,
+    fingerprint_path,
+    read_json,
+    remove_folder,
+)
 from mlpmem.config import DatastoreConfig, IndexConfig
 from mlpmem.errors import UsageError
 from mlpmem.summary import verify
@@ -87,10 +97,110 @@ def test_a_failed_rebuild_keeps_the_finished_stage_and_a_successful_one_replaces
     assert after.fingerprint != before and after.entries == 5 and not run.partial_folder("datastore").exists()
 
 
-def test_an_interrupted_swap_is_finished_on_the_next_read(run, tmp_path):
-    final, old = run.folder("datastore"), run.path / ".datastore.old"
-    os.replace(final, old)  # killed between the two renames of a swap: only the old version and no new one
-    assert run.require("datastore").entries == 10 and not old.exists()
+def rebuild_killed_before_its_swap(run: RunDir, monkeypatch) -> None:
+    """Build a 5-entry datastore (stride 3) over the 10-entry one, killed once its complete manifest is written in
+    datastore.partial/ (the state a kill before the swap leaves)."""
+
+    def killed(self, stage):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "swap_in", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_datastore_stage(run, np.arange(5, dtype=np.int32), stride=3)
+    monkeypatch.undo()
+
+
+def folders(run: RunDir) -> list[str]:
+    return sorted(p.name for p in run.path.iterdir() if not p.name.startswith(".lock"))
+
+
+@pytest.mark.parametrize("kill", ["before_the_swap", "after_moving_aside", "after_renaming", "first_build"])
+def test_a_build_killed_after_its_complete_manifest_is_swapped_in_not_rebuilt(run, monkeypatch, kill):
+    """Each kill point of the swap (a complete manifest in STAGE.partial/, the finished version moved aside, the
+    new one renamed in): the next command swaps the complete build in; nothing is built again."""
+    if kill == "first_build":  # no finished version yet
+        remove_folder(run.folder("datastore"))
+    rebuild_killed_before_its_swap(run, monkeypatch)
+    final, partial, aside = run.folder("datastore"), run.partial_folder("datastore"), run.aside_folder("datastore")
+    assert (partial / "manifest.json").is_file() and read_json(partial / "manifest.json")["status"] == "complete"
+    if kill in ("after_moving_aside", "after_renaming"):
+        os.replace(final, aside)
+    if kill == "after_renaming":
+        os.replace(partial, final)
+    built = []
+    monkeypatch.setattr(StageBuild, "add_array", lambda *a: built.append(a))
+    build = run.begin("datastore", DatastoreConfig(stride=3), {})
+    assert build.status == "complete" and build.dir == final and not built
+    assert run.require("datastore").entries == 5 and np.array_equal(run.array("datastore", "values"), np.arange(5))
+    assert folders(run) == ["datastore"]
+
+
+def test_a_complete_partial_build_is_swapped_in_by_whichever_command_takes_the_lock(run, monkeypatch):
+    rebuild_killed_before_its_swap(run, monkeypatch)
+    assert run.require("datastore").entries == 10  # readers see the finished version until then
+    with run.lock("mlpmem index"):
+        assert run.require("datastore").entries == 5
+    assert folders(run) == ["datastore"]
+
+
+def test_readers_never_finish_a_swap(run, monkeypatch, capsys):
+    """Killed between the swap's two renames: a reader (generate, verify) waits a moment, then says what finishes
+    it, renaming nothing; the next command holding the lock finishes it."""
+    monkeypatch.setattr(artifacts, "SWAP_WAIT_SECONDS", 0.05)
+    rebuild_killed_before_its_swap(run, monkeypatch)
+    os.replace(run.folder("datastore"), run.aside_folder("datastore"))
+    before = folders(run)
+    with pytest.raises(UsageError, match=r"replacing it was interrupted.*run `mlpmem datastore --run-dir") as err:
+        run.require("datastore")
+    assert "\n" not in str(err.value)
+    problems = verify(run.path)
+    assert len(problems) == 1 and "interrupted" in problems[0]
+    assert folders(run) == before and run.aside_folder("datastore").exists()
+    with run.lock("mlpmem datastore"):
+        assert run.require("datastore").entries == 5
+    assert folders(run) == ["datastore"]
+
+
+def test_a_reader_started_during_a_swap_gets_the_new_version_and_the_builder_finishes(run, monkeypatch, tmp_path):
+    """The swap of a live builder (it holds the lock) is waited for by a lock-free reader in another process,
+    which never renames: the builder's second rename succeeds and the reader reads the new version."""
+    rebuild_killed_before_its_swap(run, monkeypatch)
+    with run.lock("mlpmem datastore"):  # taking the lock would finish the swap: undo it to stand mid-swap
+        final, partial, aside = run.folder("datastore"), run.partial_folder("datastore"), run.aside_folder("datastore")
+        os.replace(final, partial)
+        build_datastore_stage(RunDir(tmp_path / "scratch"), np.arange(10, dtype=np.int32))
+        os.replace(tmp_path / "scratch" / "datastore", aside)  # the finished version moved aside, as a swap does
+        reader = _python(f"""
+            from mlpmem import artifacts
+            artifacts.SWAP_WAIT_SECONDS = 120
+            print("reading", flush=True)
+            print(artifacts.RunDir({str(run.path)!r}).require("datastore").entries)
+        """)
+        assert reader.stdout.readline().strip() == "reading"
+        time.sleep(0.5)  # lets the reader meet the swap midway (the result is the same if it comes later)
+        os.replace(partial, final)  # the builder's second rename: the reader renamed nothing under it
+        remove_folder(aside)
+    out, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0, err
+    assert out.strip() == "5"
+
+
+def test_verify_is_refused_while_a_command_holds_the_run(run, tmp_path):
+    holder = _python(f"""
+        import time
+        from mlpmem.artifacts import RunDir
+        with RunDir({str(run.path)!r}).lock("mlpmem datastore"):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UsageError, match=r"in use by `mlpmem datastore`"):
+            verify(run.path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert verify(run.path) == []
 
 
 def test_stage_folders_from_manifests_never_leave_the_stage(run):
@@ -139,16 +249,77 @@ def test_damaged_artifacts_are_refused_in_one_line(run, damage, message):
     assert "\n" not in str(err.value)
 
 
-def test_verify_finds_a_flipped_byte_in_a_large_array_that_reads_only_check_by_size(run, capsys):
-    assert verify(run.path) == []
-    with open(run.folder("datastore") / "keys.bin", "r+b") as fh:
-        fh.seek(7)
+def flip_byte(path: Path, offset: int = 7) -> None:
+    """Corrupt one byte in place and move the file's modification time (a write the kernel may stamp with the
+    same coarse clock tick as the stage's completion: set it apart, as any later write would be)."""
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
         byte = fh.read(1)
-        fh.seek(7)
+        fh.seek(offset)
         fh.write(bytes([byte[0] ^ 0xFF]))
-    run.require("datastore")  # reads check sizes and the hashes of small files only
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+@pytest.fixture
+def hashed(monkeypatch) -> list[str]:
+    """Every file hashed from now on (and every file counts as large: none is hashed for being small)."""
+    monkeypatch.setattr(artifacts, "SMALL_FILE_BYTES", 0)
+    names, real = [], artifacts.file_sha256
+
+    def spy(path):
+        names.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(artifacts, "file_sha256", spy)
+    artifacts._HASHES.clear()
+    return names
+
+
+def test_reads_trust_unchanged_large_files_and_verify_hashes_every_file(run, hashed, capsys):
+    run.require("datastore")
+    assert hashed == []  # a 14 GB LM is not reread by every command
+    assert verify(run.path) == []
+    assert sorted(hashed) == ["keys.bin", "notes.txt", "values.bin"]
+
+
+def test_a_large_file_written_since_completion_is_rehashed_and_refused(run, hashed, capsys):
+    flip_byte(run.folder("datastore") / "keys.bin")
+    with pytest.raises(UsageError, match=r"keys.bin does not match its recorded content hash.*remove .*datastore"):
+        run.require("datastore")
+    assert hashed == ["keys.bin"]
     problems = verify(run.path)
     assert len(problems) == 1 and "keys.bin does not match its recorded content hash" in problems[0]
+
+
+def test_a_copied_run_is_rehashed_once_then_trusted_again(run, hashed, tmp_path):
+    copy = RunDir(tmp_path / "copy")
+    shutil.copytree(run.path, copy.path, symlinks=True)  # new inodes: every file is rehashed
+    manifest_time = (copy.folder("datastore") / "manifest.json").stat().st_mtime_ns
+    copy.require("datastore")
+    copy.require("datastore")
+    assert sorted(hashed) == ["keys.bin"] * 2 + ["notes.txt"] * 2 + ["values.bin"] * 2  # a reader records nothing
+    hashed.clear()
+    with copy.lock("mlpmem index"):
+        copy.require("datastore")  # the lock holder re-records the identities it found intact
+    assert sorted(hashed) == ["keys.bin", "notes.txt", "values.bin"]
+    hashed.clear()
+    assert copy.require("datastore").entries == 10 and hashed == []
+    assert (copy.folder("datastore") / "manifest.json").stat().st_mtime_ns == manifest_time
+
+
+def test_a_corrupted_upstream_array_is_refused_by_every_later_command(tiny_run, monkeypatch, capsys):
+    """prepare/train.bin corrupted (and so touched) after the run completed: the next command refuses it in one
+    line, naming what works (a rerun alone would reuse it again)."""
+    from mlpmem.cli import main
+
+    monkeypatch.setattr(artifacts, "SMALL_FILE_BYTES", 0)
+    flip_byte(tiny_run / "prepare" / "train.bin")
+    assert main(["datastore", "--run-dir", str(tiny_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "train.bin does not match its recorded content hash" in err
+    assert f"remove {tiny_run / 'prepare'} and rerun `mlpmem prepare --run-dir {tiny_run}`" in err
+    assert not (tiny_run / "datastore.partial").exists()
 
 
 def test_a_stage_built_from_an_older_upstream_is_refused(run):
@@ -169,6 +340,30 @@ def test_a_linked_stage_is_reused_but_never_rebuilt(run, tmp_path):
     assert other.begin("datastore", DatastoreConfig(), {}).status == "complete"
     with pytest.raises(UsageError, match="is a link to .*refusing to rebuild"):
         other.begin("datastore", DatastoreConfig(stride=3), {})
+
+
+def test_a_file_linked_out_of_its_stage_is_refused(run, tmp_path, capsys):
+    outside = tmp_path / "elsewhere.bin"
+    shutil.copy(run.folder("datastore") / "values.bin", outside)
+    (run.folder("datastore") / "values.bin").unlink()
+    os.symlink(outside, run.folder("datastore") / "values.bin")
+    with pytest.raises(UsageError, match=r"values.bin is a link to .*elsewhere.bin, outside .*refusing") as err:
+        run.require("datastore")
+    assert "\n" not in str(err.value)
+    assert "values.bin is a link" in " ".join(verify(run.path))
+
+
+def test_a_resume_never_writes_through_a_link_out_of_the_partial_build(run, tmp_path):
+    build = run.begin("datastore", DatastoreConfig(stride=3), {})
+    build.add_array("values", "int32", (5,))
+    outside = tmp_path / "victim.bin"
+    outside.write_bytes(b"precious")
+    (build.dir / "values.bin").unlink()
+    os.symlink(outside, build.dir / "values.bin")  # killed, and the partial file replaced by a link
+    with pytest.raises(UsageError, match=r"is a link to .*victim.bin.*remove .*datastore.partial to start"):
+        build = run.begin("datastore", DatastoreConfig(stride=3), {})
+        build.add_array("values", "int32", (5,))
+    assert outside.read_bytes() == b"precious"
 
 
 def _python(code: str, **kwargs) -> subprocess.Popen:

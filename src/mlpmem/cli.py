@@ -276,15 +276,20 @@ def call_stage(stage: str, config: StageConfig) -> tuple[Any, bool]:
 
 def run_stage_function(spec, config: StageConfig) -> Any:
     """The stage's function. Under a launch of several processes, a stage that does not share its work runs in the
-    main process while the others wait, then read its manifest; an action (generate, bench...) is refused."""
+    main process while the others wait, then read its manifest; an action (generate, bench...) is refused. The
+    processes start a stage together: the main one has taken the run's lock (and finished any swap a kill
+    interrupted) before the others read."""
     from mlpmem.distributed import check_launch, launched_processes, process_state
 
     check_launch()
-    if launched_processes() == 1 or spec.multi_process:
+    if launched_processes() == 1:
         return spec.function()(config)
-    if not spec.builds:
+    if not spec.builds and not spec.multi_process:
         raise UsageError(f"`mlpmem {spec.name}` runs in one process; start it without accelerate launch / torchrun")
     state, _ = process_state(getattr(config, "device", "auto"))
+    state.wait_for_everyone()
+    if spec.multi_process:
+        return spec.function()(config)
     result = spec.function()(config) if state.is_main_process else None
     state.wait_for_everyone()
     return result if state.is_main_process else RunDir(config.run_dir).require(spec.name)

@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from mlpmem.artifacts import StageBuild, atomic_write_json, read_json
+from mlpmem.artifacts import (
+    PROGRESS,
+    StageBuild,
+    chunk_digest,
+    read_progress,
+    verified_chunks,
+    write_progress,
+)
 from mlpmem.errors import UsageError
 from mlpmem.progress import progress
 
@@ -88,11 +96,11 @@ def process_state(device: str = "auto"):
 
 
 # sharded, resumable chunk loops ------------------------------------------------------------------------------
-def done_chunks(build: StageBuild) -> set[int]:
-    """Chunks marked done by a single process (progress.json) or by any rank of a launch."""
-    done = build.done_chunks()
+def recorded_chunks(build: StageBuild) -> dict[int, str]:
+    """Chunks (-> digest of their rows) recorded done by a single process (progress.json) or by any rank."""
+    done = read_progress(build.dir / PROGRESS)
     for path in build.dir.glob(RANK_PROGRESS.format(rank="*")):
-        done |= set(read_json(path)["done"])
+        done |= read_progress(path)
     return done
 
 
@@ -109,13 +117,19 @@ def run_chunks(
     work: Callable[[int], int],
     desc: str,
     unit: str,
+    rows: Callable[[int], Sequence[np.ndarray]],
 ) -> tuple[float, int]:
     """Run ``work(c)`` (which writes and flushes chunk c, returning the entries it computed) for this rank's chunks
-    not yet done (chunk c belongs to rank c % processes), marking each done after it returns; all ranks wait for
-    each other at the end. Returns (wall seconds until every rank finished, entries computed by all ranks)."""
+    not yet done (chunk c belongs to rank c % processes), marking each done with the digest of its ``rows(c)``
+    after it returns; all ranks wait for each other at the end. A chunk recorded done whose rows no longer match
+    their digest is computed again. Returns (wall seconds until every rank finished, entries computed by all
+    ranks); UsageError in the main process when, at the end, a chunk is not recorded done."""
     rank, world = state.process_index, state.num_processes
-    done = done_chunks(build)
+    recorded = recorded_chunks(build)
     mine = [c for c in range(n_chunks) if c % world == rank]
+    done = {c: d for c, d in recorded.items() if c % world != rank} | verified_chunks(
+        {c: d for c, d in recorded.items() if c % world == rank}, rows
+    )
     bar = progress(
         total=sum(map(size, mine)),
         initial=sum(size(c) for c in mine if c in done),
@@ -129,13 +143,16 @@ def run_chunks(
     for c in (c for c in mine if c not in done):
         n = work(c)
         if world == 1:
-            build.mark_chunk(c, done)
+            build.mark_chunk(c, done, rows(c))
         else:
-            done.add(c)
-            atomic_write_json(build.dir / RANK_PROGRESS.format(rank=rank), {"done": sorted(done)})
+            done[c] = chunk_digest(rows(c))
+            write_progress(build.dir / RANK_PROGRESS.format(rank=rank), done)
         bar.update(n)
     bar.close()
     state.wait_for_everyone()
+    missing = sorted(set(range(n_chunks)) - set(recorded_chunks(build))) if state.is_main_process else []
+    if missing:  # the main process, before it clears the ranks' progress files
+        raise UsageError(f"{build.dir}: chunks {missing[:5]} were not written; rerun the stage to compute them")
     return time.time() - t0, todo
 
 

@@ -45,37 +45,49 @@ def print_run_summary(run_dir: Path, wall_times: dict[str, float], reused: set[s
 
 def verify(run_dir: Path) -> list[str]:
     """Check every stage of a run: manifest checksum and schema, each file's size and content hash, array sizes
-    against shapes, and that each stage was built from the current version of its inputs. Returns the problems."""
+    against shapes, and that each stage was built from the current version of its inputs. Returns the problems.
+
+    It holds the run's lock (a command building in the run is waited for by refusing now, not raced) and writes
+    nothing: a swap a kill interrupted is reported, for the next building command to finish."""
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise UsageError(f"run directory {run.path} does not exist")
+    with run.lock("mlpmem verify", read_only=True):
+        return verify_stages(run)
+
+
+def verify_stages(run: RunDir) -> list[str]:
     problems, found = [], 0
     for stage in BUILD_STAGES:
-        if not run.folder(stage).exists() and not run.partial_folder(stage).exists():
+        if not any(p.exists() for p in (run.folder(stage), run.partial_folder(stage), run.aside_folder(stage))):
             continue
         found += 1
-        try:
-            manifest = run.read(stage)
-            if manifest is None:
-                raise UsageError(f"{run.folder(stage)} has no manifest")
-            if not manifest.complete:
-                raise UsageError(f"{run.folder(stage)} is not complete (status {manifest.status})")
-            run.check_files(stage, manifest, hashes="all")
-            for name in manifest.arrays:
-                run.array(stage, name, manifest)
-            run.check_not_stale(stage, manifest)
-            print(
-                f"{stage:<13} ok       {len(manifest.files)} files, "
-                f"{sum(r.bytes for r in manifest.files.values()):,} bytes"
-            )
-        except UsageError as err:
-            problems.append(str(err))
-            print(f"{stage:<13} PROBLEM  {err}")
+        if run.folder(stage).exists() or run.aside_folder(stage).exists():
+            problems += verify_stage(run, stage)
         if run.partial_folder(stage).exists():
             print(
                 f"{stage:<13} note     an unfinished build in {run.partial_folder(stage)} "
-                "(rerun the stage to resume it)"
+                "(rerun the stage to resume it; a complete one is swapped in by the next command on the run)"
             )
     if not found:
         raise UsageError(f"{run.path} holds no stage folders")
     return problems
+
+
+def verify_stage(run: RunDir, stage: str) -> list[str]:
+    """Check one finished stage in full; prints its line, returns its problem (or none)."""
+    try:
+        manifest = run.read(stage)
+        if manifest is None:
+            raise UsageError(f"{run.folder(stage)} has no manifest")
+        if not manifest.complete:
+            raise UsageError(f"{run.folder(stage)} is not complete (status {manifest.status})")
+        run.check_files(stage, manifest, hashes="all")
+        for name in manifest.arrays:
+            run.array(stage, name, manifest)
+        run.check_not_stale(stage, manifest)
+    except UsageError as err:
+        print(f"{stage:<13} PROBLEM  {err}")
+        return [str(err)]
+    print(f"{stage:<13} ok       {len(manifest.files)} files, {sum(r.bytes for r in manifest.files.values()):,} bytes")
+    return []

@@ -109,7 +109,7 @@ def test_a_chunk_longer_than_the_window_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("split", ["train", "valid"])
-def test_an_id_outside_the_vocabulary_is_one_line_naming_its_file(tmp_path, split):
+def test_an_id_outside_the_vocabulary_is_one_line_naming_its_file(tmp_path, split, bit_rot):
     """prepare/SPLIT.bin damaged after prepare completed (after the references were cut): the retrieval of the
     training chunks (train) or the first validation (valid) names the file, not an IndexError in the LM."""
     from mlpmem.errors import UsageError

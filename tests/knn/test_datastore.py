@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -100,6 +101,52 @@ def test_killed_and_resumed_is_identical_and_complete_is_skipped(tmp_path, monke
     assert calls == []  # complete: nothing recomputed
 
 
+@pytest.mark.parametrize("damage", ["progress_claims_every_chunk", "zeroed_chunk", "progress_not_json"])
+def test_a_resume_trusts_only_chunks_whose_rows_match_their_digest(tmp_path, monkeypatch, damage):
+    """Killed after 3 chunks, then datastore.partial/ damaged: progress.json edited to claim every chunk done
+    (before: a complete datastore of zero rows), chunk 0's keys zeroed, or progress.json garbled. The resume
+    computes again every chunk whose rows do not match the digest recorded with them: the same bytes as an
+    uninterrupted build."""
+    whole = make_tiny_run(tmp_path / "whole", n_train=700)
+    killed = make_tiny_run(tmp_path / "killed", n_train=700)
+    config = dict(context=32, stride=16, batch_size=3, chunk_windows=4)  # 2 forward batches per chunk
+    build_datastore(DatastoreConfig(run_dir=whole, **config))
+    real_forward, calls = datastore_mod.forward_windows, []
+
+    def counting_forward(*args, **kwargs):
+        for out in real_forward(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 7:  # inside the 4th chunk
+                raise Killed
+            yield out
+
+    monkeypatch.setattr(datastore_mod, "forward_windows", counting_forward)
+    with pytest.raises(Killed):
+        build_datastore(DatastoreConfig(run_dir=killed, **config))
+    partial = killed / "datastore.partial"
+    progress = read_json(partial / "progress.json")
+    n_chunks = -(-RunDir(whole).read("datastore").windows // 4)
+    if damage == "progress_claims_every_chunk":
+        (partial / "progress.json").write_text(json.dumps({**progress, "done": list(range(n_chunks))}))
+    elif damage == "zeroed_chunk":
+        with open(partial / "keys.bin", "r+b") as fh:
+            fh.write(bytes(64))
+    else:
+        (partial / "progress.json").write_text('{"done": [0, 1')
+    chunks = []
+
+    def chunk_forward(*args, **kwargs):  # called once per chunk computed
+        chunks.append(1)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(datastore_mod, "forward_windows", chunk_forward)
+    build_datastore(DatastoreConfig(run_dir=killed, **config))
+    redone = {"progress_claims_every_chunk": n_chunks - 3, "zeroed_chunk": n_chunks - 2, "progress_not_json": n_chunks}
+    assert len(chunks) == redone[damage]
+    for name in ("keys", "values"):
+        assert (killed / "datastore" / f"{name}.bin").read_bytes() == (whole / "datastore" / f"{name}.bin").read_bytes()
+
+
 def test_bad_inputs_are_one_line(tiny_run):
     with pytest.raises(UsageError) as err:
         build_datastore(DatastoreConfig(run_dir=tiny_run, context=128))
@@ -133,8 +180,8 @@ def test_tokens_beyond_the_lm_vocabulary_are_refused(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_a_damaged_token_file_is_one_line_and_exit_2(tiny_run, capsys):
-    """An id beyond the vocabulary in the middle of prepare/train.bin (raw arrays are not hashed on every read):
+def test_a_damaged_token_file_is_one_line_and_exit_2(tiny_run, capsys, bit_rot):
+    """An id beyond the vocabulary in the middle of prepare/train.bin (bit rot: a read does not rehash it):
     refused by the forward core with the file named, not an IndexError inside the embedding."""
     from mlpmem.cli import main
 

@@ -138,9 +138,9 @@ def test_too_many_lists_are_refused_and_keep_the_finished_index(tmp_path):
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
-def test_keys_damaged_after_the_datastore_are_blamed_on_the_file_not_the_factory(tmp_path, factory):
-    """A nan written into keys.bin (same size, so only a full hash would see it) is named with its entry; the
-    factory is not blamed (IVF: the training sample holds it; Flat: adding it)."""
+def test_keys_damaged_after_the_datastore_are_blamed_on_the_file_not_the_factory(tmp_path, factory, bit_rot):
+    """A nan in keys.bin that reads do not see (bit rot: same size and identity, so only a full hash would see
+    it) is named with its entry; the factory is not blamed (IVF: the training sample holds it; Flat: adding it)."""
     keys, values = random_datastore(n=400, d=8)
     write_datastore(tmp_path, keys.astype(np.float16), values)
     damaged = np.memmap(tmp_path / "datastore" / "keys.bin", dtype=np.float16, mode="r+", shape=(400, 8))

@@ -3,6 +3,8 @@ lists, codes added without encoding equal encoded ones."""
 
 from __future__ import annotations
 
+import json
+
 import faiss
 import numpy as np
 import pytest
@@ -47,7 +49,10 @@ class Killed(Exception):
     pass
 
 
-def test_killed_on_disk_build_resumes_to_the_same_lists(tmp_path, monkeypatch):
+@pytest.mark.parametrize("damage", [None, "shard_changed", "progress_claims_every_chunk"])
+def test_killed_on_disk_build_resumes_to_the_same_lists(tmp_path, monkeypatch, damage):
+    """Killed after 2 of 5 chunks; then, maybe, shard 0 changed or progress.json edited to claim every chunk:
+    a shard that does not match the hash recorded when it was written is built again."""
     keys, values = clustered_keys()
     for name in ("whole", "killed"):
         write_datastore(tmp_path / name, keys, values)
@@ -64,11 +69,17 @@ def test_killed_on_disk_build_resumes_to_the_same_lists(tmp_path, monkeypatch):
     with pytest.raises(Killed):
         build_index(IndexConfig(run_dir=tmp_path / "killed", on_disk=True, **CONFIG))
     partial = tmp_path / "killed" / "index.partial"
-    assert read_json(partial / "shards" / "progress.json")["done"] == [0, 1]
+    progress = read_json(partial / "shards" / "progress.json")
+    assert progress["done"] == [0, 1]
+    if damage == "shard_changed":
+        shard = partial / "shards" / "000000.lists"
+        shard.write_bytes(shard.read_bytes()[:-8] + bytes(8))
+    elif damage == "progress_claims_every_chunk":
+        (partial / "shards" / "progress.json").write_text(json.dumps({**progress, "done": [0, 1, 2, 3, 4]}))
     calls.clear()
     monkeypatch.setattr(stream_mod.StoredKeys, "range", lambda self, a, b: calls.append(a) or real(self, a, b))
     manifest = build_index(IndexConfig(run_dir=tmp_path / "killed", on_disk=True, **CONFIG))
-    assert calls == [1000, 1500, 2000]  # chunks 0 and 1 were not redone
+    assert calls == ([0] if damage == "shard_changed" else []) + [1000, 1500, 2000]  # intact chunks not redone
     assert manifest.ntotal == len(keys) and not partial.exists()
     lists = [(tmp_path / r / "index" / LISTS_FILE).read_bytes() for r in ("whole", "killed")]
     assert lists[0] == lists[1]

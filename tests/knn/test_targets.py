@@ -127,6 +127,52 @@ def test_killed_and_resumed_is_byte_identical(tmp_path, monkeypatch):
         )
 
 
+def kill_after_three_chunks(run, config, monkeypatch) -> None:
+    real, calls = targets_mod.sparse_distribution, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(targets_mod, "sparse_distribution", dying)
+    with pytest.raises(Killed):
+        build_targets(TargetsConfig(run_dir=run, **config))
+    monkeypatch.setattr(targets_mod, "sparse_distribution", real)
+
+
+def test_a_chunk_zeroed_after_it_was_written_is_computed_again(tmp_path, monkeypatch):
+    """Before, the resume trusted progress.json and the stage ended complete with a chunk of zeros."""
+    keys, values = random_datastore(n=300, d=8, vocab=20)
+    whole, killed = make_run(tmp_path / "whole", keys, values), make_run(tmp_path / "killed", keys, values)
+    config = dict(k=8, knn_temperature=4.0, width=5, chunk_size=40)
+    build_targets(TargetsConfig(run_dir=whole, **config))
+    kill_after_three_chunks(killed, config, monkeypatch)
+    with open(killed / "targets.partial" / "tokens.bin", "r+b") as fh:
+        fh.seek(40 * 5 * 4)  # chunk 1: rows 40..79 of [300, 5] int32
+        fh.write(bytes(40 * 5 * 4))
+    build_targets(TargetsConfig(run_dir=killed, **config))
+    for name in ARRAYS:
+        assert (killed / "targets" / f"{name}.bin").read_bytes() == (whole / "targets" / f"{name}.bin").read_bytes()
+
+
+def test_a_resume_refuses_a_partial_file_linked_out_of_the_run(tmp_path, monkeypatch):
+    """targets.partial/tokens.bin replaced by a link: the resume would write the rows it computes through it."""
+    keys, values = random_datastore(n=300, d=8, vocab=20)
+    run = make_run(tmp_path / "run", keys, values)
+    config = dict(k=8, knn_temperature=4.0, width=5, chunk_size=40)
+    kill_after_three_chunks(run, config, monkeypatch)
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes((run / "targets.partial" / "tokens.bin").read_bytes())
+    (run / "targets.partial" / "tokens.bin").unlink()
+    (run / "targets.partial" / "tokens.bin").symlink_to(victim)
+    before = victim.read_bytes()
+    with pytest.raises(UsageError, match=r"tokens.bin is a link to .*victim.bin.*remove .*targets.partial") as err:
+        build_targets(TargetsConfig(run_dir=run, **config))
+    assert "\n" not in str(err.value) and victim.read_bytes() == before and not (run / "targets").exists()
+
+
 def test_bad_inputs_are_one_line(tmp_path):
     keys, values = random_datastore(n=50, d=8)
     run = make_run(tmp_path, keys, values)

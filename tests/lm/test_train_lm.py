@@ -192,8 +192,8 @@ def test_model_with_nan_weights_is_refused(prepared, tmp_path):
 
 
 @pytest.mark.parametrize("split", ["train", "valid"])
-def test_a_token_id_outside_the_vocabulary_is_one_line_naming_its_file(prepared, split):
-    """prepare/SPLIT.bin damaged after prepare completed (raw arrays are not hashed on every read): every 20th id
+def test_a_token_id_outside_the_vocabulary_is_one_line_naming_its_file(prepared, split, bit_rot):
+    """prepare/SPLIT.bin damaged after prepare completed (bit rot: a read does not rehash it): every 20th id
     is 65000, beyond the 300-token vocabulary, so the first batch (train) or validation (valid) reads one."""
     import numpy as np
 

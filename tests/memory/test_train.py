@@ -500,9 +500,12 @@ def test_a_batch_beyond_the_training_entries_is_bounded_by_them(memory_run, tmp_
     ],
     ids=["probs", "tokens", "gold", "keys"],
 )
-def test_damaged_inputs_are_named_not_blamed_on_the_learning_rate(memory_run, file, dtype, width, value, message):
-    """A value damaged in place (same size, so only a full hash sees it) is named with its entry and file; before,
-    a nan read as 'diverged: lower --lr' and an out-of-range id raised inside the loss."""
+def test_damaged_inputs_are_named_not_blamed_on_the_learning_rate(
+    memory_run, file, dtype, width, value, message, bit_rot
+):
+    """A value damaged in place that reads do not see (bit rot: same size and identity, so only a full hash sees
+    it) is named with its entry and file; before, a nan read as 'diverged: lower --lr' and an out-of-range id
+    raised inside the loss."""
     n = RunDir(memory_run).read("datastore").entries
     damaged = np.memmap(memory_run / file, dtype=dtype, mode="r+", shape=(n, width) if width else (n,))
     damaged[5] = value

@@ -63,8 +63,8 @@ def build_explicit_memories(config: ExplicitMemoriesConfig) -> ExplicitMemoriesM
     shape = (refs.references, len(layers), 2, heads, config.keep_tokens, lm.config.n_embd // heads)
     build = run.begin("explicit-memories", config, inputs)
     memories = build.add_array("memories", "float16", shape)
-    done = build.done_chunks()
     starts = range(0, refs.references, config.chunk_refs)
+    done = build.done_chunks(lambda c: [memories[starts[c] : starts[c] + config.chunk_refs]])
     for c, a in enumerate(progress(starts, desc="explicit-memories", unit="chunk")):
         if c in done:
             continue
@@ -73,5 +73,5 @@ def build_explicit_memories(config: ExplicitMemoriesConfig) -> ExplicitMemoriesM
             lm, ids, offsets, batch, markers, layers, config.keep_tokens, config.batch_size
         )
         memories.flush()
-        build.mark_chunk(c, done)
+        build.mark_chunk(c, done, [memories[a : batch.stop]])
     return build.complete(model_fingerprint=lm_manifest.model_fingerprint, memory_layers=layers, marker_ids=markers)

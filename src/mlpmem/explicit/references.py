@@ -98,13 +98,13 @@ def dense_embeddings(config: ReferencesConfig, run: RunDir, build: StageBuild, r
 
     lm = load_lm(run_lm_dir(run.path), resolve_device(config.device))
     out = build.add_array("embeddings", "float16", (len(references), lm.config.n_embd))
-    done = build.done_chunks()
     starts = range(0, len(references), config.chunk_refs)
+    done = build.done_chunks(lambda c: [out[starts[c] : starts[c] + config.chunk_refs]])
     for c, a in enumerate(progress(starts, desc="embed references", unit="chunk")):
         if c not in done:
             out[a : a + config.chunk_refs] = embed(lm, references[a : a + config.chunk_refs], config.batch_size)
             out.flush()
-            build.mark_chunk(c, done)
+            build.mark_chunk(c, done, [out[a : a + config.chunk_refs]])
     return DenseRetriever(np.asarray(out, dtype=np.float32), lm, config.batch_size)
 
 

@@ -57,7 +57,7 @@ def retrieve_training_chunks(
     n = len(tokens) // config.chunk_tokens
     out = build.add_array("chunk_refs", "int64", (n,))
     same_stream = store.source in ("split:train", "split:memory")  # memory: the train tokens first, then more
-    done = build.done_chunks()
+    done = build.done_chunks(lambda piece: [out[piece * RETRIEVAL_CHUNK : (piece + 1) * RETRIEVAL_CHUNK]])
     for piece, a in enumerate(progress(range(0, n, RETRIEVAL_CHUNK), desc="retrieve", unit="piece")):
         if piece in done:
             continue
@@ -71,7 +71,7 @@ def retrieve_training_chunks(
             ]
         out[a : a + len(starts)] = store.search(tokens, starts, 1, exclude)[:, 0]
         out.flush()
-        build.mark_chunk(piece, done)
+        build.mark_chunk(piece, done, [out[a : a + len(starts)]])
     return np.asarray(out)
 
 

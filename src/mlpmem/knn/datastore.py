@@ -157,4 +157,9 @@ def extract(build: StageBuild, chunks: list[list[Window]], state, write) -> tupl
         return n
 
     entries = lambda c: chunks[c][-1].end - 1 - chunks[c][0].first_scored  # noqa: E731
-    return run_chunks(build, state, len(chunks), entries, work, "datastore", "tok")
+
+    def rows(c: int) -> tuple[np.ndarray, np.ndarray]:  # the positions chunk c scores
+        a, b = chunks[c][0].first_scored, chunks[c][-1].end - 1
+        return keys[a:b], values[a:b]
+
+    return run_chunks(build, state, len(chunks), entries, work, "datastore", "tok", rows)

@@ -162,6 +162,10 @@ def build_index(config: IndexConfig) -> IndexManifest:
     if not sharded:
         index = fill(index, source, config, build.dir, None if resumed else index)
         index = faiss.index_gpu_to_cpu(index) if on_gpu else index
+    if index.ntotal != n:  # every key, once: nothing a resume skipped or added twice
+        raise UsageError(
+            f"the index holds {index.ntotal} keys, the datastore {n}; remove {build.dir} and rerun `mlpmem index`"
+        )
     set_nprobe(index, nprobe)
     build_seconds = time.time() - t0
     write_index_atomically(index, build.dir / INDEX_FILE)
@@ -247,12 +251,13 @@ def load_index(run_dir: Path, use_gpu: str = "no") -> tuple[faiss.Index, IndexMa
         index = read_any_index(path)  # on-disk lists are mapped from the index's folder
     except RuntimeError as err:
         raise UsageError(
-            f"{path} is not a readable FAISS index ({str(err).strip().splitlines()[-1][:80]}); rerun `mlpmem index`"
+            f"{path} is not a readable FAISS index ({str(err).strip().splitlines()[-1][:80]}); "
+            + run.rebuild_hint("index")
         ) from None
     if index.d != datastore.key_dim or index.ntotal != datastore.entries:
         raise UsageError(
             f"{path} holds {index.ntotal} keys of width {index.d}, the datastore {datastore.entries} of width "
-            f"{datastore.key_dim}; rerun `mlpmem index`"
+            f"{datastore.key_dim}; " + run.rebuild_hint("index")
         )
     if not manifest.on_disk:
         index, _ = _to_gpu(index, use_gpu)

@@ -15,6 +15,7 @@ folder may be moved); only the probed lists are read, and their pages are cache 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -23,7 +24,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from mlpmem.artifacts import PROGRESS, atomic_write_json, disk_errors, read_json
+from mlpmem.artifacts import PROGRESS, disk_errors, file_sha256, read_progress, write_progress
+from mlpmem.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 TRAINED_FILE = "trained.faiss"
 LISTS_FILE = "lists.bin"
@@ -66,13 +70,31 @@ class OnDiskBuild:
             if not trained.is_trained or trained.ntotal != 0:
                 raise ValueError("the on-disk build starts from a trained, empty index")
             write_index_atomically(trained, self.folder / TRAINED_FILE)
-        self.trained = faiss.read_index(str(self.folder / TRAINED_FILE))  # a resumed build keeps its first training
+        try:  # a resumed build keeps its first training
+            self.trained = faiss.read_index(str(self.folder / TRAINED_FILE))
+        except RuntimeError:
+            raise UsageError(
+                f"{self.folder / TRAINED_FILE} is damaged (not a readable FAISS index); remove {self.folder} to "
+                "start the build afresh"
+            ) from None
+        self._done: dict[int, str] | None = None
         drop_search_tables(self.trained)
 
     # chunks -------------------------------------------------------------------------------------------------
-    def done(self) -> set[int]:
-        path = self.shards / PROGRESS
-        return set(read_json(path)["done"]) if path.is_file() else set()
+    def done(self) -> dict[int, str]:
+        """The chunks whose shard is written (-> its sha256). Read once: a shard recorded done whose file is
+        missing or no longer matches the hash recorded when it was written is built again."""
+        if self._done is None:
+            recorded = read_progress(self.shards / PROGRESS)
+            self._done = {c: d for c, d in recorded.items() if self._intact(c, d)}
+        return self._done
+
+    def _intact(self, chunk: int, digest: str) -> bool:
+        path = self.shard_path(chunk)
+        if path.is_file() and not path.is_symlink() and file_sha256(path) == digest:
+            return True
+        log.warning("%s does not match the hash recorded when it was written: building it again", path)
+        return False
 
     def shard_path(self, chunk: int) -> Path:
         return self.shards / f"{chunk:06d}.lists"
@@ -91,14 +113,14 @@ class OnDiskBuild:
             faiss.write_InvertedLists(faiss.extract_index_ivf(shard).invlists, writer)
             del writer  # closes the file
         os.replace(tmp, path)
-        done.add(chunk)
-        atomic_write_json(self.shards / PROGRESS, {"done": sorted(done)})
+        done[chunk] = file_sha256(path)
+        write_progress(self.shards / PROGRESS, done)
         return True
 
     # merging ------------------------------------------------------------------------------------------------
     def merge(self, index_path: Path, n_chunks: int) -> faiss.Index:
         """Merge the shards of chunks 0 .. n_chunks-1 into ``lists.bin`` + ``index_path``; returns the index."""
-        missing = sorted(set(range(n_chunks)) - self.done())
+        missing = sorted(set(range(n_chunks)) - set(self.done()))
         if missing:
             raise ValueError(f"chunks {missing[:5]} are not built yet")
         index = faiss.clone_index(self.trained)

@@ -138,7 +138,12 @@ def build_targets(config: TargetsConfig) -> TargetsManifest:
         return b - a
 
     size = lambda c: min(n, (c + 1) * config.chunk_size) - c * config.chunk_size  # noqa: E731
-    seconds, computed = run_chunks(build, state, n_chunks, size, work, "targets", "q")
+
+    def rows(c: int) -> tuple[np.ndarray, ...]:
+        a, b = c * config.chunk_size, min(n, (c + 1) * config.chunk_size)
+        return tokens[a:b], probs[a:b], gold[a:b], self_found[c : c + 1]
+
+    seconds, computed = run_chunks(build, state, n_chunks, size, work, "targets", "q", rows)
     if state.is_main_process:
         finish(build, seconds, computed, nprobe)
     state.wait_for_everyone()

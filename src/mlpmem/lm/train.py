@@ -25,6 +25,7 @@ from mlpmem.config import TrainLMConfig
 from mlpmem.data.prepare import vocab_fingerprint
 from mlpmem.data.tokens import check_token_ids, open_split, source_of, tokenizer_dir
 from mlpmem.devices import resolve_device, resolve_dtype
+from mlpmem.distributed import begin_shared
 from mlpmem.errors import UsageError
 from mlpmem.lm.load import hub_revision, load_lm, load_tokenizer, max_positions, model_fingerprint, require_model
 from mlpmem.manifests import PrepareManifest, TrainLMManifest
@@ -180,12 +181,12 @@ def train_lm(config: TrainLMConfig) -> TrainLMManifest:
     train, valid = open_split(config.run_dir, "train"), open_split(config.run_dir, "valid")
     check_inputs(config, train)
     model = build_model(config, prep.vocab_size, prep.tokenizer_fingerprint).train()  # validates before any write
-    build = run.begin("train-lm", config, inputs)
     device = resolve_device(config.device)
     precision = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[
         resolve_dtype(config.dtype, device)
     ]
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+    build = begin_shared(run, "train-lm", config, inputs, accelerator)  # the main process begins, the others join
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
     step = 0

@@ -321,7 +321,8 @@ def check_inputs(ds: DatastoreManifest, tg: TargetsManifest, config: TrainMemory
     """The number of entries, after checking targets and datastore belong together; UsageError otherwise."""
     if tg.stored and tg.entries != ds.entries:
         raise UsageError(
-            f"the targets have {tg.entries} rows, the datastore {ds.entries} entries; rerun `mlpmem targets`"
+            f"the targets have {tg.entries} rows, the datastore {ds.entries} entries; "
+            + RunDir(tg.config.run_dir).rebuild_hint("targets")
         )
     if config.mode == "offline" and "keys" not in ds.arrays:
         raise UsageError(
