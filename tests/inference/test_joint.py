@@ -158,6 +158,24 @@ def export_copy(exported, tmp_path) -> Path:
     return Path(shutil.copytree(exported, tmp_path / "model"))
 
 
+def test_a_full_disk_during_export_is_one_line_and_leaves_the_earlier_export(
+    generation_run, export_copy, monkeypatch, capsys
+):
+    """The disk fills while the weights are written: one line, no half export left in out.partial, the earlier
+    export in place."""
+    before = {p.name: p.read_bytes() for p in export_copy.iterdir()}
+
+    def full_disk(self, folder, *args, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MemoryAugmentedForCausalLM, "save_pretrained", full_disk)
+    err = one_line_error(capsys, "export", "--run-dir", str(generation_run), "--out", str(export_copy))
+    assert err.startswith("mlpmem: error: no space left writing") and "free space" in err
+    assert not export_copy.with_name("model.partial").exists()
+    assert {p.name: p.read_bytes() for p in export_copy.iterdir()} == before
+
+
 def test_a_folder_without_the_base_lm_weights_is_refused(export_copy):
     weights = load_file(export_copy / "model.safetensors")
     save_file({k: v for k, v in weights.items() if not k.startswith("lm.")}, export_copy / "model.safetensors")

@@ -131,6 +131,88 @@ def test_kill_after_the_final_checkpoint_resumes_at_the_end(prepared, tmp_path, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_kill_after_the_complete_manifest_swaps_the_build_in_without_training(prepared, monkeypatch):
+    """Killed once train-lm.partial/ holds its complete manifest, before the swap: the rerun swaps it in (under the
+    run's lock) and trains nothing; the model is the one the killed command finished."""
+
+    def killed(self, stage):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "swap_in", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_lm(TrainLMConfig(run_dir=prepared, **TINY))
+    monkeypatch.undo()
+    assert not (prepared / "train-lm").exists()
+    finished = load_file(prepared / "train-lm.partial" / "model" / "model.safetensors")
+    ran = []
+    monkeypatch.setattr(train_module, "window_loss", lambda m, x: ran.append(1))
+    manifest = train_lm(TrainLMConfig(run_dir=prepared, **TINY))
+    assert not ran and manifest.status == "complete" and manifest.steps == 6
+    a = weights(prepared)
+    assert a.keys() == finished.keys() and all(torch.equal(a[k], finished[k]) for k in a)
+    assert not (prepared / "train-lm.partial").exists() and not (prepared / ".train-lm.old").exists()
+
+
+def test_a_damaged_checkpoint_is_refused_and_removing_it_restarts_from_step_0(prepared, tmp_path, monkeypatch):
+    """Flipped bytes in the weights of the checkpoint a killed train-lm left: the resume refuses them in one line
+    (before, it resumed to 'complete' from the damaged weights); the hint's removal gives the uninterrupted run."""
+    other = tmp_path / "other"
+    shutil.copytree(prepared, other)
+    train_lm(TrainLMConfig(run_dir=other, **TINY))
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_lm(TrainLMConfig(run_dir=prepared, **TINY))
+    monkeypatch.undo()
+    checkpoints = prepared / "train-lm.partial" / "checkpoints"
+    path = checkpoints / "step-2" / "model" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-64:-32] = bytes(32)
+    path.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match=rf"damaged .*remove {checkpoints} to restart the stage from step 0"):
+        train_lm(TrainLMConfig(run_dir=prepared, **TINY))
+    assert not (prepared / "train-lm").exists()
+    shutil.rmtree(checkpoints)
+    train_lm(TrainLMConfig(run_dir=prepared, **TINY))
+    a, b = weights(prepared), weights(other)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_rerun_resumes(prepared, tmp_path, monkeypatch, capsys):
+    """torch's checkpoint write fails as on a full disk ('unexpected pos', a RuntimeError) at step 4: exit 2 with
+    one line, the step-2 checkpoint still in charge; the rerun equals an uninterrupted run."""
+    from mlpmem.cli import main
+
+    other = tmp_path / "other"
+    shutil.copytree(prepared, other)
+    train_lm(TrainLMConfig(run_dir=other, **TINY))
+    real_save, saves = torch.save, []
+
+    def full_disk(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 11904 vs 11792")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    capsys.readouterr()
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    assert main(["-q", "train-lm", "--run-dir", str(prepared), "--threads=1", *flags]) == 2  # as the fixture
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mlpmem: error: no space left writing") and "step-4" in err[0]
+    monkeypatch.undo()
+    checkpoints = prepared / "train-lm.partial" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest.json", "step-2"]
+    train_lm(TrainLMConfig(run_dir=prepared, **TINY))
+    a, b = weights(prepared), weights(other)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_complete_stage_is_skipped(prepared):
     first = train_lm(TrainLMConfig(run_dir=prepared, **TINY))
     assert train_lm(TrainLMConfig(run_dir=prepared, **TINY)).fingerprint == first.fingerprint

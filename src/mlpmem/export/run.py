@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlpmem.artifacts import RunDir, require_writable
+from mlpmem.artifacts import RunDir, disk_errors, require_writable
 from mlpmem.config import ExportConfig
 from mlpmem.errors import UsageError
 from mlpmem.export.card import model_card
@@ -96,10 +96,16 @@ def export_model(config: ExportConfig) -> Exported:
     source = lmbda_source(config, tuned.lmbda)
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / "README.md").write_text(model_card(run, model, config, source, command_line(config)), encoding="utf-8")
+    try:  # a failed write (a full disk) leaves neither a half export nor its partial folder
+        with disk_errors(partial):
+            partial.mkdir(parents=True)
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            card = model_card(run, model, config, source, command_line(config))
+            (partial / "README.md").write_text(card, encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     swap_in(partial, out_dir)
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.is_file()}
     return Exported(out_dir, model.lmbda, source, model.knn_lmbda, files)
