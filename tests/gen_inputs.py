@@ -43,14 +43,16 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>")
 
 
-def tiny_memory(model_fp: str, seed: int = 0, lmbda: float = 0.5, layer: str = MEMORY_LAYER) -> MLPMemory:
+def tiny_memory(
+    model_fp: str, seed: int = 0, lmbda: float = 0.5, layer: str = MEMORY_LAYER, vocab_size: int = TINY_VOCAB
+) -> MLPMemory:
     """A random 2-block memory with a peaked head (so mixing visibly changes the LM's choices)."""
     torch.manual_seed(seed)
     cfg = MLPMemoryConfig(
         input_dim=32,
         hidden_size=32,
         n_blocks=2,
-        vocab_size=TINY_VOCAB,
+        vocab_size=vocab_size,
         base_model_fingerprint=model_fp,
         key_layer=layer,
         lmbda=lmbda,

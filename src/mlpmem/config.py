@@ -255,6 +255,17 @@ class EvaluateConfig(StageConfig):
     device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
+class RecallConfig(StageConfig):
+    """``mlpmem recall``: every candidate value of every knowledge probe of a facts run, scored by every row of
+    the run's evaluate stage (at the λ and T evaluate tuned)."""
+
+    max_people: int | None = Field(
+        None, ge=1, description="probe only the first N people of each set (seen, memory-only, unseen); default: all"
+    )
+    batch_size: int = setting(256, "prompt + candidate rows per forward pass", ge=1)
+    device: Device = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
 class DatastoreConfig(StageConfig):
     split: Literal["train", "valid", "test", "memory"] = Field(
         "train", description="split whose keys are stored (memory: train + the memory-only text of --corpus facts)"

@@ -18,6 +18,7 @@ from mlpmem.config import (
     ExplicitMemoriesConfig,
     IndexConfig,
     PrepareConfig,
+    RecallConfig,
     ReferencesConfig,
     TargetsConfig,
     TrainExplicitConfig,
@@ -195,6 +196,43 @@ class EvaluateManifest(Manifest):
 
     def summary(self) -> dict[str, Any]:
         return {f"{split}_tokens": n for split, n in self.tokens.items()}
+
+
+class RecallCell(BaseModel):
+    """One system on one set of people and one kind of template: over its probes, the candidate distribution is
+    the softmax of the candidates' total log-probs."""
+
+    model_config = ConfigDict(extra="forbid")
+    probes: int
+    accuracy: float  # the gold value ranked first
+    gold_log_prob: float  # mean total log-prob of the gold value's tokens (nats)
+    confident_wrong: float  # a wrong value ranked first with probability > 0.5 among the candidates
+    ece: float  # expected calibration error of the top candidate's probability (10 equal-width bins)
+
+
+class RecallRow(BaseModel):
+    """One evaluate row's recall, with the weights and T it was scored at (evaluate's, tuned on its split)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: SystemName
+    lmbda: float | None = None
+    weights: dict[str, float] | None = None
+    temperature: float | None = None
+    cells: dict[str, RecallCell] = Field(default_factory=dict)  # "SET" (both templates) and "SET/TEMPLATE"
+
+
+class RecallManifest(Manifest):
+    """Knowledge recall of every evaluate row on the facts probes; ``results.json`` (the same table, provenance)."""
+
+    STAGE = "recall"
+    config: RecallConfig
+    probes: int = 0
+    chance: float | None = None  # mean of 1 / candidates over the probes: the accuracy of a uniform guess
+    tuned_on: str | None = None  # the split evaluate tuned λ and T on
+    systems: list[RecallRow] = Field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"probes": self.probes, "systems": len(self.systems)}
 
 
 class ReferencesManifest(Manifest):

@@ -26,6 +26,7 @@ from mlpmem.config import (
     IndexConfig,
     LmEvalConfig,
     PrepareConfig,
+    RecallConfig,
     ReferencesConfig,
     StageConfig,
     TargetsConfig,
@@ -41,6 +42,7 @@ from mlpmem.manifests import (
     ExplicitMemoriesManifest,
     IndexManifest,
     PrepareManifest,
+    RecallManifest,
     ReferencesManifest,
     TargetsManifest,
     TrainExplicitManifest,
@@ -62,6 +64,7 @@ class StageSpec:
     report: str | None = None  # "module:function" printing the result on the terminal (the CLI calls it)
     locks: bool | None = None  # takes the run's lock; None: when it builds a stage
     multi_process: bool = False  # shares its work between the processes of a launch (accelerate launch, torchrun)
+    by_default: bool = True  # in a pipeline that lists no stages (False: it needs an input only some runs have)
 
     @property
     def section(self) -> str:
@@ -176,6 +179,16 @@ STAGES: tuple[StageSpec, ...] = (
         multi_process=True,
     ),
     StageSpec(
+        "recall",
+        RecallConfig,
+        RecallManifest,
+        "mlpmem.evaluate.recall:recall",
+        ("prepare", "evaluate"),
+        "knowledge recall on the facts probes: every candidate value scored by every evaluated system",
+        report="mlpmem.evaluate.recall:print_recall",
+        by_default=False,
+    ),
+    StageSpec(
         "generate",
         GenerateConfig,
         None,
@@ -216,6 +229,7 @@ STAGES: tuple[StageSpec, ...] = (
 )
 BY_NAME = {spec.name: spec for spec in STAGES}
 BUILD_STAGES = tuple(spec.name for spec in STAGES if spec.builds)
+DEFAULT_STAGES = tuple(spec.name for spec in STAGES if spec.builds and spec.by_default)
 
 
 def stage_spec(name: str) -> StageSpec:
@@ -244,6 +258,6 @@ RunConfig = create_model(
     __base__=_RunConfigBase,
     __doc__="A whole pipeline: ``run_dir``, the stages to run in order, and one section per stage.",
     run_dir=(FsPath, Field(Path("runs/default"), description="run directory shared by every stage")),
-    stages=(list[Literal[BUILD_STAGES]], Field(list(BUILD_STAGES), min_length=1)),  # type: ignore[valid-type]
+    stages=(list[Literal[BUILD_STAGES]], Field(list(DEFAULT_STAGES), min_length=1)),  # type: ignore[valid-type]
     **{BY_NAME[name].section: (dict[str, Any], Field(default_factory=dict)) for name in BUILD_STAGES},
 )

@@ -21,6 +21,11 @@ def print_run_summary(run_dir: Path, wall_times: dict[str, float], reused: set[s
     evaluate = run.read("evaluate")
     if evaluate is not None and evaluate.complete:
         print("\n" + format_results(evaluate))
+    recall = run.read("recall")
+    if recall is not None and recall.complete:
+        from mlpmem.evaluate.recall import format_recall
+
+        print("\n" + format_recall(recall))
     print(f"\n{'stage':<13} {'status':<9} {'built in':>9} {'this run':>9}  counts")
     for stage in BUILD_STAGES:
         manifest = run.read(stage)
