@@ -19,7 +19,7 @@ system.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -94,6 +94,21 @@ class SystemEvaluation(Protocol):
     def manifest_fields(self) -> dict[str, Any]:
         """Fields of the evaluate manifest it measured (after scoring)."""
         ...
+
+
+@dataclass
+class KeyComponentsEvaluation:
+    """A ``SystemEvaluation`` whose components all read the evaluated LM's keys (kNN-LM, the MLP memory): evaluate
+    scores them in its shared pass, so there is nothing of its own to score or to record."""
+
+    components: dict[SystemName, Component]
+    plain_lms: dict[SystemName, PreTrainedModel] = field(default_factory=dict)
+
+    def score(self, tokens: np.ndarray, context: int, stride: int, split: str) -> dict[SystemName, np.ndarray]:
+        return {}
+
+    def manifest_fields(self) -> dict[str, Any]:
+        return {}
 
 
 class MemorySystem(Protocol):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlpmem.memory_system import ResultRow, SystemName
+from mlpmem.memory_system import KeyComponentsEvaluation, ResultRow, SystemName
 from mlpmem.progress import progress
 
 DATASTORE, INDEX = "datastore", "index"
@@ -48,20 +48,6 @@ class KnnComponent:
 
     def gold_log_probs(self, keys: np.ndarray, gold: np.ndarray) -> np.ndarray:
         return knn_log_prob(self.retriever, keys, gold, self.temperatures or [self.retriever.temperature])
-
-
-@dataclass
-class KnnEvaluation:
-    """The run's index and datastore opened for ``mlpmem evaluate``."""
-
-    components: dict[SystemName, KnnComponent]
-    plain_lms: dict[SystemName, Any] = field(default_factory=dict)
-
-    def score(self, tokens, context, stride, split) -> dict[SystemName, np.ndarray]:
-        return {}
-
-    def manifest_fields(self) -> dict[str, Any]:
-        return {}
 
 
 class KnnSystem:
@@ -110,7 +96,7 @@ class KnnSystem:
     def built_from(self, run) -> str | None:
         return run.require(DATASTORE).config.split
 
-    def open_evaluation(self, config, run, device, lm, model_fp) -> KnnEvaluation:
+    def open_evaluation(self, config, run, device, lm, model_fp) -> KeyComponentsEvaluation:
         """The retriever, its queries from the datastore's key layer of ``lm`` (width checked)."""
         from mlpmem.errors import UsageError
         from mlpmem.lm.keys import key_dim, key_module_path
@@ -122,7 +108,8 @@ class KnnSystem:
                 f"the datastore holds keys of width {datastore.key_dim}, "
                 f"but {layer!r} of the LM gives {key_dim(lm, layer)}"
             )
-        return KnnEvaluation({SystemName.KNN_LM: KnnComponent(retriever, layer, list(config.knn_temperatures))})
+        component = KnnComponent(retriever, layer, list(config.knn_temperatures))
+        return KeyComponentsEvaluation({SystemName.KNN_LM: component})
 
     def result_rows(self, components: set[str], tuned_on: str | None) -> list[ResultRow]:
         """kNN-LM mixed with the LM (its T chosen with λ)."""

@@ -11,7 +11,7 @@ Its one component, ``mlp-memory``, is the memory's distribution on the LM's keys
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mlpmem.memory.configuration import MLPMemoryConfig
-from mlpmem.memory_system import ResultRow, SystemName
+from mlpmem.memory_system import KeyComponentsEvaluation, ResultRow, SystemName
 from mlpmem.progress import progress
 
 STAGE = "train-memory"
@@ -51,20 +51,6 @@ def memory_log_prob(memory: torch.nn.Module, keys: np.ndarray, gold: np.ndarray,
         g = torch.from_numpy(gold[i : i + batch]).to(param.device)
         out[i : i + batch] = log_probs.gather(-1, g[:, None])[:, 0].cpu().numpy()
     return out
-
-
-@dataclass
-class MemoryEvaluation:
-    """The run's memory opened for ``mlpmem evaluate``, paired with the evaluated LM."""
-
-    components: dict[SystemName, Any]
-    plain_lms: dict[SystemName, Any] = field(default_factory=dict)
-
-    def score(self, tokens, context, stride, split) -> dict[SystemName, np.ndarray]:
-        return {}
-
-    def manifest_fields(self) -> dict[str, Any]:
-        return {}
 
 
 class MemorySystem:
@@ -134,9 +120,9 @@ class MemorySystem:
         """The split of the datastore whose targets it imitates."""
         return run.require("datastore").config.split
 
-    def open_evaluation(self, config, run, device, lm, model_fp) -> MemoryEvaluation:
+    def open_evaluation(self, config, run, device, lm, model_fp) -> KeyComponentsEvaluation:
         memory, layer = self.load(run, lm, model_fp, device, config.memory_dtype)
-        return MemoryEvaluation({SystemName.MLP_MEMORY: MemoryComponent(memory, layer)})
+        return KeyComponentsEvaluation({SystemName.MLP_MEMORY: MemoryComponent(memory, layer)})
 
     def result_rows(self, components: set[str], tuned_on: str | None) -> list[ResultRow]:
         """The memory mixed with the LM, and with the LM and kNN-LM when the run has both (the memory imitates
