@@ -111,6 +111,23 @@ class KeyComponentsEvaluation:
         return {}
 
 
+class MixedThroughTheJointModel:
+    """The ``MemorySystem`` methods of a system that generates only as a component of the joint model (kNN-LM, the
+    MLP memory) and whose bench rows are bench's own."""
+
+    def generates(self, config: GenerateConfig) -> bool:
+        return False
+
+    def generate(self, config: GenerateConfig, prompts: list[str], kwargs: dict[str, Any]) -> tuple[list[str], str]:
+        raise NotImplementedError("generates through the joint model")
+
+    def bench(self, run: RunDir, prompt: torch.Tensor, config: BenchConfig, device: torch.device) -> None:
+        return None
+
+    def bench_lines(self, section: dict[str, Any]) -> list[str]:
+        return []
+
+
 class MemorySystem(Protocol):
     """How the shared commands reach one memory system. Every method answers for a run that may not have the
     system: None (or an empty list) then."""

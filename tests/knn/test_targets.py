@@ -104,21 +104,9 @@ def test_killed_and_resumed_is_byte_identical(tmp_path, monkeypatch):
     whole, killed = make_run(tmp_path / "whole", keys, values), make_run(tmp_path / "killed", keys, values)
     config = dict(k=8, knn_temperature=4.0, width=5, chunk_size=40)  # 8 chunks
     build_targets(TargetsConfig(run_dir=whole, **config))
-
-    real, calls = targets_mod.sparse_distribution, []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise Killed
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(targets_mod, "sparse_distribution", dying)
-    with pytest.raises(Killed):
-        build_targets(TargetsConfig(run_dir=killed, **config))
+    kill_after_three_chunks(killed, config, monkeypatch)
     assert read_json(killed / "targets.partial" / "progress.json")["done"] == [0, 1, 2]
     assert not (killed / "targets").exists()
-    monkeypatch.setattr(targets_mod, "sparse_distribution", real)
     manifest = build_targets(TargetsConfig(run_dir=killed, **config))
     assert manifest.status == "complete" and manifest.self_found == 300
     for name in ARRAYS:

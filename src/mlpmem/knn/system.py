@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlpmem.memory_system import KeyComponentsEvaluation, ResultRow, SystemName
+from mlpmem.memory_system import KeyComponentsEvaluation, MixedThroughTheJointModel, ResultRow, SystemName
 from mlpmem.progress import progress
 
 DATASTORE, INDEX = "datastore", "index"
@@ -50,7 +50,7 @@ class KnnComponent:
         return knn_log_prob(self.retriever, keys, gold, self.temperatures or [self.retriever.temperature])
 
 
-class KnnSystem:
+class KnnSystem(MixedThroughTheJointModel):
     """kNN-LM: p_kNN from the nearest stored keys, mixed with the LM."""
 
     name = "knn-lm"
@@ -159,19 +159,6 @@ class KnnSystem:
             temperature=float(settings["knn_temperature"]),
         )
         return retriever
-
-    def generates(self, config) -> bool:
-        return False  # it generates through the joint model
-
-    def generate(self, config, prompts, kwargs):
-        raise NotImplementedError
-
-    # mlpmem bench: kNN-LM's rows are bench's own (mlpmem.bench.run)
-    def bench(self, run, prompt, config, device) -> dict[str, Any] | None:
-        return None
-
-    def bench_lines(self, section: dict[str, Any]) -> list[str]:
-        return []
 
 
 DEFAULT_KNN_LMBDA = 0.25

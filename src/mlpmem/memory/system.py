@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mlpmem.memory.configuration import MLPMemoryConfig
-from mlpmem.memory_system import KeyComponentsEvaluation, ResultRow, SystemName
+from mlpmem.memory_system import KeyComponentsEvaluation, MixedThroughTheJointModel, ResultRow, SystemName
 from mlpmem.progress import progress
 
 STAGE = "train-memory"
@@ -53,7 +53,7 @@ def memory_log_prob(memory: torch.nn.Module, keys: np.ndarray, gold: np.ndarray,
     return out
 
 
-class MemorySystem:
+class MemorySystem(MixedThroughTheJointModel):
     """The MLP memory: an MLP trained to imitate kNN-LM's distribution from the LM's keys."""
 
     name = "mlp-memory"
@@ -152,19 +152,6 @@ class MemorySystem:
             tuned = options["tuned"].lmbda
             lmbda = tuned if tuned is not None else memory.config.lmbda
         return {"memory": memory, "lmbda": lmbda, "memory_layer": layer}
-
-    def generates(self, config) -> bool:
-        return False  # it generates through the joint model
-
-    def generate(self, config, prompts, kwargs):
-        raise NotImplementedError
-
-    # mlpmem bench: the memory's rows are bench's own (mlpmem.bench.run)
-    def bench(self, run, prompt, config, device) -> dict[str, Any] | None:
-        return None
-
-    def bench_lines(self, section: dict[str, Any]) -> list[str]:
-        return []
 
 
 MLP_MEMORY = MemorySystem()
