@@ -88,27 +88,14 @@ def datastore_keys(lm: torch.nn.Module, tokens: np.ndarray, layer: str, window: 
     return np.concatenate(keys)
 
 
-def write_generation_run(run_dir: Path, datastore_split: str = "train") -> Path:
-    """Complete prepare, train-lm (with tokenizer), datastore (of ``datastore_split``), index and train-memory."""
-    make_tiny_run(run_dir, n_train=800, n_eval=100)
-    run = RunDir(run_dir)
-    prep = run.require("prepare")
-    build = run.begin(
-        "train-lm",
-        TrainLMConfig(n_layer=2, n_head=2, n_embd=32, context=64, max_steps=1),
-        {"prepare": prep.fingerprint},
-    )
-    lm = tiny_gpt2(seed=0)
-    lm.save_pretrained(build.dir / "model")
-    tiny_tokenizer().save_pretrained(build.dir / "model")
-    lm_manifest = build.complete(model_fingerprint=model_fingerprint(build.dir / "model"))
-
-    tokens = np.asarray(run.array("prepare", datastore_split), dtype=np.int64)
+def write_datastore_and_index(run: RunDir, lm, prepare_fp: str, lm_manifest, split: str) -> None:
+    """Complete datastore (``split``'s keys at ``KNN_LAYER``, fp16, one window per 64 tokens) and an exact index."""
+    tokens = np.asarray(run.array("prepare", split), dtype=np.int64)
     keys = datastore_keys(lm, tokens, KNN_LAYER)
     build = run.begin(
         "datastore",
-        DatastoreConfig(split=datastore_split, context=64, stride=64, key_layer=KNN_LAYER),
-        {"prepare": prep.fingerprint, "train-lm": lm_manifest.fingerprint},
+        DatastoreConfig(split=split, context=64, stride=64, key_layer=KNN_LAYER),
+        {"prepare": prepare_fp, "train-lm": lm_manifest.fingerprint},
     )
     for name, dtype, data in (("keys", "float16", keys), ("values", "int32", tokens[1:])):
         array = build.add_array(name, dtype, data.shape)
@@ -128,6 +115,23 @@ def write_generation_run(run_dir: Path, datastore_split: str = "train") -> Path:
     faiss.write_index(index, str(build.dir / "index.faiss"))
     build.complete(factory="Flat", ntotal=len(keys))
 
+
+def write_generation_run(run_dir: Path, datastore_split: str = "train") -> Path:
+    """Complete prepare, train-lm (with tokenizer), datastore (of ``datastore_split``), index and train-memory."""
+    make_tiny_run(run_dir, n_train=800, n_eval=100)
+    run = RunDir(run_dir)
+    prep = run.require("prepare")
+    build = run.begin(
+        "train-lm",
+        TrainLMConfig(n_layer=2, n_head=2, n_embd=32, context=64, max_steps=1),
+        {"prepare": prep.fingerprint},
+    )
+    lm = tiny_gpt2(seed=0)
+    lm.save_pretrained(build.dir / "model")
+    tiny_tokenizer().save_pretrained(build.dir / "model")
+    lm_manifest = build.complete(model_fingerprint=model_fingerprint(build.dir / "model"))
+
+    write_datastore_and_index(run, lm, prep.fingerprint, lm_manifest, datastore_split)
     write_memory(run_dir, tiny_memory(lm_manifest.model_fingerprint))
     return run_dir
 

@@ -11,14 +11,13 @@ import math
 import shutil
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
 
 from mlpmem.artifacts import RunDir
 from mlpmem.cli import main
-from mlpmem.config import DatastoreConfig, FactsConfig, IndexConfig, PrepareConfig, RecallConfig, TrainLMConfig
+from mlpmem.config import FactsConfig, PrepareConfig, RecallConfig, TrainLMConfig
 from mlpmem.data.facts import load_probes
 from mlpmem.data.prepare import prepare
 from mlpmem.evaluate.recall import LINE_START, candidate_scores, chosen_probes, encode_rows, recall
@@ -28,7 +27,7 @@ from mlpmem.lm.load import load_tokenizer, model_fingerprint, run_lm_dir
 from mlpmem.memory_system import SystemName
 
 from conftest import tiny_gpt2
-from gen_inputs import KNN_LAYER, datastore_keys, evaluate_config, tiny_memory, write_memory
+from gen_inputs import evaluate_config, tiny_memory, write_datastore_and_index, write_memory
 
 pytestmark = pytest.mark.numeric
 
@@ -49,25 +48,7 @@ def write_facts_run(run_dir: Path) -> Path:
     load_tokenizer(str(run_dir / "prepare" / "tokenizer")).save_pretrained(build.dir / "model")
     lm_manifest = build.complete(model_fingerprint=model_fingerprint(build.dir / "model"))
 
-    tokens = np.asarray(run.array("prepare", "memory"), dtype=np.int64)
-    keys = datastore_keys(lm, tokens, KNN_LAYER)
-    build = run.begin(
-        "datastore",
-        DatastoreConfig(split="memory", context=64, stride=64, key_layer=KNN_LAYER),
-        {"prepare": prep.fingerprint, "train-lm": lm_manifest.fingerprint},
-    )
-    for name, dtype, data in (("keys", "float16", keys), ("values", "int32", tokens[1:])):
-        array = build.add_array(name, dtype, data.shape)
-        array[:] = data.astype(dtype)
-        array.flush()
-    ds = build.complete(
-        model_fingerprint=lm_manifest.model_fingerprint, key_layer=KNN_LAYER, context=64, stride=64, windows=1
-    )
-    index = faiss.IndexFlatL2(keys.shape[1])
-    index.add(keys.astype(np.float16).astype(np.float32))
-    build = run.begin("index", IndexConfig(factory="Flat"), {"datastore": ds.fingerprint})
-    faiss.write_index(index, str(build.dir / "index.faiss"))
-    build.complete(factory="Flat", ntotal=len(keys))
+    write_datastore_and_index(run, lm, prep.fingerprint, lm_manifest, "memory")
     write_memory(run_dir, tiny_memory(lm_manifest.model_fingerprint, vocab_size=prep.vocab_size))
     evaluate(evaluate_config(run_dir))
     return run_dir
